@@ -1,0 +1,78 @@
+"""The `gaze` command line. Errors print one message (no traceback) and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import DEFAULT_CHECKPOINT
+from .errors import GazeError
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Caption a few generated scenes with the PyTorch model and show them beside the truth."""
+    import numpy as np
+    import torch
+
+    from .model import scenes
+    from .model.checkpoint import load_checkpoint
+
+    model, processor = load_checkpoint(args.checkpoint)
+    rng = np.random.default_rng(args.seed)
+    sample = [scenes.sample_scene(rng, held_out=True) for _ in range(args.scenes)]
+    images = [scenes.render(s, model.config.image_size, rng)[0] for s in sample]
+    ids = torch.tensor([processor.encode(processor.prompt())] * len(sample))
+    out = model.generate(ids, pixel_values=torch.from_numpy(processor.preprocess(images)), max_new_tokens=40)
+    correct = 0
+    print(f"{args.checkpoint}: gaze attention keeps {model.config.gaze_top_k} of "
+          f"{model.config.regions_per_image} regions per generated token")
+    for scene, tokens in zip(sample, out.sequences.tolist(), strict=True):
+        text = processor.decode(tokens)
+        ok = scenes.parse_caption(text) == scene.facts
+        correct += ok
+        print(f"  {'ok ' if ok else 'BAD'} truth: {scene.caption()}\n      model: {text}")
+    print(f"{correct}/{len(sample)} captions name exactly the right objects")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .model import evaluate
+
+    evaluate.main([str(args.checkpoint), "--scenes", str(args.scenes)] + (["--json", str(args.json)] if args.json else []))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gaze", description="Gaze Attention VLMs on Jetson-class GPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="caption generated scenes with the built-in model (PyTorch)")
+    demo.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    demo.add_argument("--scenes", type=int, default=6)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.set_defaults(func=_demo)
+
+    ev = sub.add_parser("evaluate", help="held-out caption accuracy and where the model looks")
+    ev.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT)
+    ev.add_argument("--scenes", type=int, default=500)
+    ev.add_argument("--json", type=Path)
+    ev.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except GazeError as exc:
+        print(f"gaze: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gaze: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""GazeConfig: the Hugging Face config of a Gaze Attention vision-language model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from gaze_edge.errors import CheckpointError
+from gaze_edge.reference import regions_per_image
+
+
+class GazeConfig(PretrainedConfig):
+    """ViT vision tower + MLP projector + Qwen2-style decoder with gaze attention.
+
+    Gaze fields: ``region_size`` [rh, rw] in visual tokens, ``gaze_top_k`` (an int, or one
+    per decoder layer) regions kept per gaze query, ``num_context_tokens`` learnable
+    tokens appended after each image/frame (their ids in ``context_token_ids``).
+    """
+
+    model_type = "gaze_vlm"
+
+    def __init__(
+        self,
+        vocab_size: int = 64,
+        hidden_size: int = 128,
+        intermediate_size: int = 384,
+        num_hidden_layers: int = 4,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 2,
+        head_dim: int = 64,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 10000.0,
+        max_position_embeddings: int = 4096,
+        image_size: int = 48,
+        patch_size: int = 8,
+        vision_hidden_size: int = 128,
+        vision_intermediate_size: int = 256,
+        vision_num_layers: int = 2,
+        vision_num_heads: int = 4,
+        region_size: tuple[int, int] | list[int] = (2, 2),
+        gaze_top_k: int | list[int] = 2,
+        num_context_tokens: int = 2,
+        image_token_id: int = 4,
+        context_token_ids: list[int] | None = None,
+        assistant_token_id: int = 3,
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.max_position_embeddings = max_position_embeddings
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.vision_hidden_size = vision_hidden_size
+        self.vision_intermediate_size = vision_intermediate_size
+        self.vision_num_layers = vision_num_layers
+        self.vision_num_heads = vision_num_heads
+        self.region_size = list(region_size)
+        self.gaze_top_k = list(gaze_top_k) if isinstance(gaze_top_k, (list, tuple)) else gaze_top_k
+        self.num_context_tokens = num_context_tokens
+        self.image_token_id = image_token_id
+        self.context_token_ids = (
+            list(context_token_ids)
+            if context_token_ids is not None
+            else list(range(5, 5 + num_context_tokens))
+        )
+        self.assistant_token_id = assistant_token_id
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def regions_per_image(self) -> int:
+        rh, rw = self.region_size
+        return regions_per_image(self.grid_size, self.grid_size, rh, rw)
+
+    def layer_top_k(self, layer: int) -> int:
+        return self.gaze_top_k[layer] if isinstance(self.gaze_top_k, list) else self.gaze_top_k
+
+    def validate(self) -> None:
+        """Raise CheckpointError naming the first inconsistent field."""
+        problems = []
+        positive = (
+            "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
+            "num_key_value_heads head_dim image_size patch_size vision_hidden_size "
+            "vision_intermediate_size vision_num_layers vision_num_heads"
+        ).split()
+        for name in positive:
+            value = getattr(self, name, None)
+            if not isinstance(value, int) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if not problems:
+            if self.num_attention_heads % self.num_key_value_heads:
+                problems.append(
+                    f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                    f"num_key_value_heads ({self.num_key_value_heads})"
+                )
+            if self.image_size % self.patch_size:
+                problems.append(
+                    f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
+                )
+            if self.vision_hidden_size % self.vision_num_heads:
+                problems.append("vision_hidden_size must be a multiple of vision_num_heads")
+        if (
+            len(self.region_size) != 2
+            or not all(isinstance(x, int) and x > 0 for x in self.region_size)
+        ):
+            problems.append(f"region_size must be two positive integers, got {self.region_size!r}")
+        top_ks = self.gaze_top_k if isinstance(self.gaze_top_k, list) else [self.gaze_top_k]
+        if not all(isinstance(k, int) and k > 0 for k in top_ks):
+            problems.append(f"gaze_top_k must be a positive integer or a list of them, got {self.gaze_top_k!r}")
+        if isinstance(self.gaze_top_k, list) and len(self.gaze_top_k) != self.num_hidden_layers:
+            problems.append(
+                f"gaze_top_k has {len(self.gaze_top_k)} entries but the model has "
+                f"{self.num_hidden_layers} layers"
+            )
+        if len(self.context_token_ids) != self.num_context_tokens:
+            problems.append("context_token_ids must list num_context_tokens ids")
+        special = [self.image_token_id, self.assistant_token_id, *self.context_token_ids]
+        if not problems and any(not 0 <= t < self.vocab_size for t in special):
+            problems.append(f"special token ids {special} must lie inside vocab_size {self.vocab_size}")
+        if problems:
+            raise CheckpointError("invalid config.json: " + "; ".join(problems))
+
+
+def llava_onevision_0_5b_config(num_hidden_layers: int = 24, vision_num_layers: int = 26) -> GazeConfig:
+    """LLaVA-OneVision-0.5B's shapes (Qwen2-0.5B + SigLIP-so400m/14 at 384 px), for random weights.
+
+    27 x 27 = 729 visual tokens per view; 3 x 3 regions give 81 regions per view and
+    gaze_top_k 8 keeps about 10% of them.
+    """
+    return GazeConfig(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        head_dim=64,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        image_size=378,
+        patch_size=14,
+        vision_hidden_size=1152,
+        vision_intermediate_size=4304,
+        vision_num_layers=vision_num_layers,
+        vision_num_heads=16,
+        region_size=(3, 3),
+        gaze_top_k=8,
+        num_context_tokens=4,
+        image_token_id=151646,
+        context_token_ids=[151647, 151648, 151649, 151650],
+        assistant_token_id=151651,
+        pad_token_id=151643,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    )
