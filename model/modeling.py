@@ -269,6 +269,9 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
         self.layout = TokenLayout(config)
         self.post_init()
 
+    def new_cache(self, batch: int) -> GazeCache:
+        return GazeCache(batch, self.config.num_hidden_layers, self.device)
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each image's visual embeddings placed at its ``<image>`` tokens.
 
@@ -316,7 +319,7 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
             inputs_embeds = self.embed(input_ids, pixel_values)
         cache = past_key_values
         if cache is None and use_cache:
-            cache = GazeCache(batch, self.config.num_hidden_layers, device)
+            cache = self.new_cache(batch)
         next_pos = cache.next_pos if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
         seen = cache.image_tokens_seen if cache is not None else torch.zeros_like(next_pos)
         pos, region, valid, seen_after = self.layout(input_ids, attention_mask, next_pos, seen)
@@ -372,7 +375,7 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
         if seed is not None:
             generator.manual_seed(seed)
         embeds = self.embed(input_ids, pixel_values)
-        cache = GazeCache(batch, self.config.num_hidden_layers, input_ids.device)
+        cache = self.new_cache(batch)
         chunk = prefill_chunk or length
         for start in range(0, length, chunk):
             out = self(

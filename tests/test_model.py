@@ -1,0 +1,171 @@
+"""The PyTorch model: chunking invariance, dense identity, batching, images, real-size shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gaze_edge.model import scenes
+from gaze_edge.model.configuration import GazeConfig, llava_onevision_0_5b_config
+from gaze_edge.model.modeling import GazeForConditionalGeneration, sample_next_token
+from gaze_edge.model.processing import default_processor
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return default_processor(48, 36)
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    torch.manual_seed(0)
+    config = GazeConfig(vocab_size=processor.tokenizer.get_vocab_size(), num_hidden_layers=2, gaze_top_k=2)
+    return GazeForConditionalGeneration(config).eval()
+
+
+def prompt_inputs(processor, num_images: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = [scenes.render(scenes.sample_scene(rng), 48, rng)[0] for _ in range(num_images)]
+    ids = torch.tensor([processor.encode(processor.prompt(num_images=num_images))])
+    return ids, torch.from_numpy(processor.preprocess(images))
+
+
+def teacher_forced(processor, num_images: int, caption: str, seed: int = 0):
+    ids, pixels = prompt_inputs(processor, num_images, seed)
+    caption_ids = torch.tensor([processor.encode(caption)])
+    full = torch.cat([ids, caption_ids], 1)
+    gaze = torch.zeros_like(full, dtype=torch.bool)
+    gaze[:, ids.shape[1] :] = True
+    return full, pixels, gaze
+
+
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_chunking_invariance_logits(model, processor, num_images):
+    """All at once, in chunks, or token by token: the same logits for every token."""
+    ids, pixels, gaze = teacher_forced(processor, num_images, "a red circle at top left and a blue cross at center")
+    with torch.no_grad():
+        whole = model(ids, pixel_values=pixels, gaze_mask=gaze).logits
+        embeds = model.embed(ids, pixels)
+        for chunk in (1, 7):
+            cache = model.new_cache(1)
+            pieces = []
+            for s in range(0, ids.shape[1], chunk):
+                res = model(ids[:, s : s + chunk], inputs_embeds=embeds[:, s : s + chunk],
+                            gaze_mask=gaze[:, s : s + chunk], past_key_values=cache)
+                pieces.append(res.logits)
+            torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_chunking_invariance_generation(model, processor):
+    ids, pixels = prompt_inputs(processor, 2)
+    whole = model.generate(ids, pixel_values=pixels, max_new_tokens=12)
+    one = model.generate(ids, pixel_values=pixels, max_new_tokens=12, prefill_chunk=1)
+    five = model.generate(ids, pixel_values=pixels, max_new_tokens=12, prefill_chunk=5)
+    assert whole.sequences.tolist() == one.sequences.tolist() == five.sequences.tolist()
+
+
+def test_gaze_with_all_regions_equals_dense_model(model, processor):
+    ids, pixels, gaze = teacher_forced(processor, 2, "a red circle at top left")
+    with torch.no_grad():
+        dense = model(ids, pixel_values=pixels).logits  # no gaze queries at all
+        all_regions = model(ids, pixel_values=pixels, gaze_mask=gaze, gaze_top_k=2 * 9).logits
+        sparse = model(ids, pixel_values=pixels, gaze_mask=gaze, gaze_top_k=1).logits
+    torch.testing.assert_close(all_regions, dense, rtol=1e-6, atol=1e-6)
+    gaze_rows = gaze[0]
+    assert (sparse[0, gaze_rows] - dense[0, gaze_rows]).abs().max() > 1e-4  # k=1 really drops keys
+    torch.testing.assert_close(sparse[0, ~gaze_rows], dense[0, ~gaze_rows])  # prompt rows are dense
+
+
+def test_region_numbering_across_images(model, processor):
+    ids, _ = prompt_inputs(processor, 2)
+    mask = torch.ones_like(ids)
+    zero = torch.zeros(1, dtype=torch.long)
+    pos, region, valid, seen = model.layout(ids, mask, zero, zero)
+    image_slots = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    assert region[0, image_slots[:36]].unique().tolist() == list(range(9))
+    assert region[0, image_slots[36:]].unique().tolist() == list(range(9, 18))
+    assert (region[0, ids[0] != model.config.image_token_id] == -1).all()
+    assert pos[0].tolist() == list(range(ids.shape[1]))
+    assert int(seen) == 72 and model.layout.num_regions(seen) == 18
+
+
+def test_batch_with_padding_equals_each_alone(model, processor):
+    """Left-padded batch of a 1-image and a 2-image prompt: padding regions and tokens change nothing."""
+    rng = np.random.default_rng(3)
+    imgs = [scenes.render(scenes.sample_scene(rng), 48, rng)[0] for _ in range(3)]
+    texts = [processor.prompt(num_images=1), processor.prompt(num_images=2)]
+    ids, mask = processor.batch_encode(texts)
+    pixels = torch.from_numpy(processor.preprocess(imgs))
+    batch = model.generate(torch.from_numpy(ids), pixel_values=pixels, attention_mask=torch.from_numpy(mask),
+                           max_new_tokens=10)
+    alone = [
+        model.generate(torch.tensor([processor.encode(texts[0])]), pixel_values=pixels[:1], max_new_tokens=10),
+        model.generate(torch.tensor([processor.encode(texts[1])]), pixel_values=pixels[1:], max_new_tokens=10),
+    ]
+    for b in range(2):
+        n = alone[b].sequences.shape[1]
+        assert batch.sequences[b, :n].tolist() == alone[b].sequences[0].tolist()
+
+
+def test_wrong_image_count_is_refused(model, processor):
+    ids, pixels = prompt_inputs(processor, 2)
+    with pytest.raises(ValueError, match="2 images"):
+        model(ids, pixel_values=pixels[:1])
+
+
+def test_video_frames_each_get_context_tokens(processor):
+    ids = processor.encode(processor.prompt(num_images=4))
+    ctx = processor.context_token_ids
+    assert ids.count(processor.image_token_id) == 4 * 36
+    assert ids.count(ctx[0]) == 4 and ids.count(ctx[1]) == 4
+    first_ctx = ids.index(ctx[0])
+    assert ids[first_ctx - 1] == processor.image_token_id and ids[first_ctx + 1] == ctx[1]
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_greedy_and_seeded_sampling_reproducible(model, processor):
+    ids, pixels = prompt_inputs(processor, 1)
+    a = model.generate(ids, pixel_values=pixels, max_new_tokens=8, do_sample=True, temperature=1.5, seed=11)
+    b = model.generate(ids, pixel_values=pixels, max_new_tokens=8, do_sample=True, temperature=1.5, seed=11)
+    assert a.sequences.tolist() == b.sequences.tolist()
+
+
+def test_top_k_and_top_p_on_a_hand_checked_distribution():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample_next_token(logits, True, 1.0, 2, 1.0, gen)) for _ in range(300)}
+    assert draws == {0, 1}  # top-k 2 keeps the two most likely tokens
+    # top-p 0.7: 0.5 < 0.7, 0.5 + 0.3 crosses it, so tokens 0 and 1 are kept
+    draws = {int(sample_next_token(logits, True, 1.0, 0, 0.7, gen)) for _ in range(300)}
+    assert draws == {0, 1}
+    draws = {int(sample_next_token(logits, True, 1.0, 0, 0.5, gen)) for _ in range(100)}
+    assert draws == {0}
+    counts = np.bincount([int(sample_next_token(logits, True, 1.0, 0, 0.9, gen)) for _ in range(3000)], minlength=4)
+    np.testing.assert_allclose(counts[:3] / 3000, np.array([0.5, 0.3, 0.15]) / 0.95, atol=0.04)
+    assert counts[3] == 0
+    assert int(sample_next_token(logits, False, 1.0, 0, 1.0, gen)) == 0
+
+
+# ---------------------------------------------------------------- real size
+
+
+@pytest.mark.slow
+def test_real_size_configuration_builds_and_decodes():
+    """LLaVA-OneVision-0.5B shapes (2 of 24 decoder layers, 1 of 26 vision layers to fit CI), random weights."""
+    config = llava_onevision_0_5b_config(num_hidden_layers=2, vision_num_layers=1)
+    assert config.tokens_per_image == 729 and config.regions_per_image == 81
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (14, 2, 64)
+    torch.manual_seed(0)
+    model = GazeForConditionalGeneration(config).eval()
+    tokens = [config.bos_token_id] + [config.image_token_id] * 729 + config.context_token_ids + [100, 200]
+    ids = torch.tensor([tokens + [config.assistant_token_id]])
+    pixels = torch.randn(1, 3, config.image_size, config.image_size)
+    out = model.generate(ids, pixel_values=pixels, max_new_tokens=3)
+    assert out.sequences.shape == (1, 3)
+    selected = out.selections[0][0]
+    assert selected is not None and selected.shape == (1, 2, 1, 81)
+    assert selected.sum(-1).tolist() == [[[8], [8]]]
