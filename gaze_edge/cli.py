@@ -40,7 +40,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .model import evaluate
 
-    evaluate.main([str(args.checkpoint), "--scenes", str(args.scenes)] + (["--json", str(args.json)] if args.json else []))
+    argv = [str(args.checkpoint), "--scenes", str(args.scenes)]
+    evaluate.main(argv + (["--json", str(args.json)] if args.json else []))
     return 0
 
 

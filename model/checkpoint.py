@@ -97,7 +97,8 @@ def load_checkpoint(
     except OSError as exc:
         raise CheckpointError(f"cannot read {weights}: {exc}") from exc
     model.load_state_dict(state, strict=True)
-    return model.to(dtype).eval(), processor
+    torch.nn.Module.to(model, dtype=dtype)  # in place; PreTrainedModel.to has an odd type wrapper
+    return model.eval(), processor
 
 
 def _shorten(names: list[str], limit: int = 5) -> str:

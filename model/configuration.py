@@ -103,9 +103,9 @@ class GazeConfig(PretrainedConfig):
         """Raise CheckpointError naming the first inconsistent field."""
         problems = []
         positive = (
-            "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads "
-            "num_key_value_heads head_dim image_size patch_size vision_hidden_size "
-            "vision_intermediate_size vision_num_layers vision_num_heads"
+            "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads "
+            "head_dim image_size patch_size vision_hidden_size vision_intermediate_size vision_num_layers "
+            "vision_num_heads"
         ).split()
         for name in positive:
             value = getattr(self, name, None)

@@ -16,6 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -78,12 +79,12 @@ def evaluate(
     batch: int = 100,
     gaze_top_k: int | None = None,
 ) -> EvalResult:
-    config = model.config
+    config = cast(GazeConfig, model.config)
     rng = np.random.default_rng(seed)
     correct = 0
     hits: list[float] = []
     chance: list[float] = []
-    examples = []
+    examples: list[dict[str, str]] = []
     prompt_ids = processor.encode(processor.prompt())
     eos = processor.eos_token_id
     for first in range(0, num_scenes, batch):
@@ -106,7 +107,7 @@ def evaluate(
             for word_index, obj_index in named_object_words(words, scene):
                 touched = object_regions(rendered[b][1][obj_index], config)
                 layer_hits = []
-                for layer, selected in enumerate(out.selections[word_index - 1]):
+                for selected in out.selections[word_index - 1]:
                     if selected is None:
                         continue
                     sel = selected[b, :, 0]  # [Hkv, R]

@@ -350,7 +350,7 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
         )
 
     @torch.no_grad()
-    def generate(  # type: ignore[override]
+    def generate(
         self,
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
@@ -385,8 +385,8 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
                 past_key_values=cache,
                 gaze_top_k=gaze_top_k,
             )
-        eos = self.config.eos_token_id
-        pad = self.config.pad_token_id
+        eos, pad = self.config.eos_token_id, self.config.pad_token_id
+        assert eos is not None and pad is not None, "config.json needs eos_token_id and pad_token_id"
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         tokens: list[torch.Tensor] = []
         selections: list[list[torch.Tensor | None]] = []

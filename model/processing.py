@@ -11,6 +11,7 @@ Files (Hugging Face layout): ``tokenizer.json`` (a tokenizers model),
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from gaze_edge.errors import CheckpointError, InputError
+from gaze_edge.errors import CheckpointError
 
 from . import scenes
 
@@ -189,7 +190,7 @@ class GazeProcessor:
 
     # ------------------------------------------------------------- images
 
-    def preprocess(self, images: list[Image.Image | np.ndarray]) -> np.ndarray:
+    def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
         """RGB images (PIL or uint8 HxWx3) -> float32 [N, 3, S, S]: resize, rescale, normalise."""
         size = self.image.image_size
         out = np.empty((len(images), 3, size, size), dtype=np.float32)
@@ -218,4 +219,5 @@ def _read_json(path: Path) -> dict[str, Any]:
 def default_processor(image_size: int, tokens_per_image: int, num_context_tokens: int = 2) -> GazeProcessor:
     """The processor of the built-in scene captioner."""
     context = [f"<ctx_{i}>" for i in range(num_context_tokens)]
-    return GazeProcessor(build_tokenizer(), ImageConfig(image_size=image_size), CHAT_TEMPLATE, tokens_per_image, context)
+    image = ImageConfig(image_size=image_size)
+    return GazeProcessor(build_tokenizer(), image, CHAT_TEMPLATE, tokens_per_image, context)

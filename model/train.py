@@ -133,7 +133,7 @@ def train(cfg: TrainConfig) -> GazeForConditionalGeneration:
             group["lr"] = learning_rate(step, cfg)
         k = curriculum_top_k(step, cfg, regions)
         batch = make_batch(rng, processor, cfg.batch)
-        out = model(**batch, gaze_top_k=k, aux_loss=not cfg.dense)
+        out = model(**batch, gaze_top_k=k, aux_loss=not cfg.dense and cfg.aux_weight > 0)
         assert out.loss is not None
         loss = out.loss + (cfg.aux_weight * out.aux_loss if out.aux_loss is not None else 0.0)
         optimizer.zero_grad(set_to_none=True)
