@@ -1,1 +1,1 @@
-"""Checkpoint -> ONNX export with GazeAttention nodes (issue 3; not built yet)."""
+"""Checkpoint -> validated ONNX export with one gaze::GazeAttention node per layer (docs/ONNX_CONTRACT.md)."""

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scenes", type=int, default=500)
     ev.add_argument("--json", type=Path)
     ev.set_defaults(func=_evaluate)
+
+    from .export.cli import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 

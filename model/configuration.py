@@ -96,6 +96,12 @@ class GazeConfig(PretrainedConfig):
         rh, rw = self.region_size
         return regions_per_image(self.grid_size, self.grid_size, rh, rw)
 
+    @property
+    def never_generated_ids(self) -> list[int]:
+        """Tokens generation never emits: padding, bos, the assistant marker, image and context tokens."""
+        ids = [self.pad_token_id, self.bos_token_id, self.assistant_token_id, self.image_token_id]
+        return sorted({int(i) for i in [*ids, *self.context_token_ids] if i is not None and i != self.eos_token_id})
+
     def layer_top_k(self, layer: int) -> int:
         return self.gaze_top_k[layer] if isinstance(self.gaze_top_k, list) else self.gaze_top_k
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
@@ -129,12 +130,59 @@ def evaluate(
     )
 
 
+def draw_gaze_examples(
+    model: GazeForConditionalGeneration, processor: GazeProcessor, path: Path, count: int = 4, seed: int = 99
+) -> None:
+    """A PNG: each held-out scene, then for each generated shape word the regions selected
+    while producing it (share of layers x KV heads that picked each region)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = cast(GazeConfig, model.config)
+    rng = np.random.default_rng(seed)
+    sample = [scenes.sample_scene(rng, held_out=True) for _ in range(count)]
+    images = [scenes.render(s, config.image_size, rng)[0] for s in sample]
+    ids = torch.tensor([processor.encode(processor.prompt())] * count)
+    out = model.generate(ids, pixel_values=torch.from_numpy(processor.preprocess(images)), max_new_tokens=40)
+    grid = config.grid_size
+    region_of = region_index_map(grid, grid, *config.region_size).reshape(grid, grid)
+    fig, axes = plt.subplots(count, 4, figsize=(10, 2.7 * count), squeeze=False)
+    for b in range(count):
+        tokens = [int(t) for t in out.sequences[b] if int(t) != processor.eos_token_id]
+        words = [processor.decode([t]) for t in tokens]
+        axes[b, 0].imshow(images[b])
+        axes[b, 0].set_title(textwrap.fill(processor.decode(tokens), 34), fontsize=7)
+        shape_steps = [i for i, w in enumerate(words) if w in scenes.SHAPES and i > 0]
+        for col in range(1, 4):
+            ax = axes[b, col]
+            ax.axis("off")
+            if col - 1 >= len(shape_steps):
+                continue
+            step = shape_steps[col - 1]
+            picked = torch.stack([s[b, :, 0] for s in out.selections[step - 1] if s is not None]).float()
+            share = picked.mean(dim=(0, 1)).numpy()  # [R]
+            heat = np.kron(share[region_of], np.ones((config.patch_size, config.patch_size)))
+            ax.imshow(images[b])
+            ax.imshow(heat, cmap="magma", alpha=0.55, vmin=0, vmax=1)
+            ax.set_title(f"gaze for '{' '.join(words[max(0, step - 2) : step + 1])}'", fontsize=8)
+        axes[b, 0].axis("off")
+    fig.suptitle(f"where the model looks: top_k {config.gaze_top_k} of {config.regions_per_image} regions "
+                 "(brightness = share of layers x KV heads selecting the region)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--scenes", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--figure", type=Path, help="draw gaze maps of a few held-out scenes to this PNG")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, processor = load_checkpoint(args.checkpoint)
@@ -148,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  truth: {ex['truth']}\n  model: {ex['generated']}")
     if args.json:
         args.json.write_text(json.dumps(asdict(result), indent=1) + "\n")
+    if args.figure:
+        draw_gaze_examples(model, processor, args.figure)
+        print(f"  gaze maps drawn to {args.figure}")
 
 
 if __name__ == "__main__":

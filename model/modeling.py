@@ -392,6 +392,7 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
         selections: list[list[torch.Tensor | None]] = []
         for _ in range(max_new_tokens):
             logits = out.logits[:, -1].float()
+            logits[:, self.config.never_generated_ids] = float("-inf")
             next_token = sample_next_token(logits, do_sample, temperature, top_k, top_p, generator)
             next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
             tokens.append(next_token)

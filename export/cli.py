@@ -1,0 +1,256 @@
+"""`gaze export CKPT -o OUT`: checkpoint -> validated ONNX export folder, written atomically.
+
+The lead wires `add_export_parser` into gaze_edge/cli.py. Everything is written into a
+temporary folder beside OUT and moved into place with os.replace only once complete and
+validated; on any failure, or Ctrl-C, the temporary folder is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from gaze_edge.errors import GazeError, InputError
+
+from . import gaze_function as gf
+
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+RUNTIME_CONFIG = "gaze_config.json"
+REPORT = "validation_report.json"
+
+
+class ExportError(GazeError):
+    """The export cannot be written, or the exported graphs disagree with PyTorch."""
+
+
+def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `export` subcommand to a `gaze` argparse subparsers object."""
+    p = subparsers.add_parser("export", help="export a checkpoint to validated ONNX (GazeAttention nodes)")
+    p.add_argument("checkpoint", type=Path, help="checkpoint folder (config.json, model.safetensors, tokenizer...)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="export folder to create")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and KV cache dtype")
+    p.add_argument("--opset", type=int, default=18, help=f"ONNX opset (>= {gf.MIN_OPSET})")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="KV cache capacity the runtime allocates (default: max_position_embeddings)")
+    p.add_argument("--max-images", type=int, default=4, help="most images or frames per sequence")
+    p.add_argument("--trt-compat", action="store_true",
+                   help="omit the FunctionProto (TensorRT <= 10.6 would run it instead of the plugin)")
+    p.add_argument("--external-data", action="store_true",
+                   help="always store weights as external data (automatic above 2 GB)")
+    p.add_argument("--validate-scenes", type=int, default=4, help="held-out scenes for the greedy check")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def _progress(step: int, total: int, message: str) -> None:
+    print(f"[{step}/{total}] {message}", flush=True)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.opset < gf.MIN_OPSET:
+        raise InputError(f"--opset {args.opset} is too old: the GazeAttention function needs opset >= {gf.MIN_OPSET}")
+    if args.max_images < 1:
+        raise InputError("--max-images must be at least 1")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise InputError("--max-seq-len must be at least 2")
+    if args.validate_scenes < 1:
+        raise InputError("--validate-scenes must be at least 1")
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder; remove it first")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: folder {parent} is not writable")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Entry point of `gaze export`; returns the exit status."""
+    _check_options(args)
+    out = Path(args.output)
+    _check_output(out, args.force)
+    ckpt = Path(args.checkpoint)
+    for name in COPIED_FILES:
+        if Path(ckpt).is_dir() and not (ckpt / name).is_file():
+            raise ExportError(f"{ckpt} has no {name}; the export folder needs it for the runtime")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if str(out.parent) else "."))
+    except OSError as exc:
+        raise ExportError(f"cannot write beside {out}: {exc}") from exc
+    try:
+        report = _export_into(tmp, ckpt, args)
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out} (validation: prefill logits rel err {report['prefill_logits_rel_err']:.2e}, "
+          f"greedy identical {report['greedy_identical']})", flush=True)
+    return 0
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """os.replace the finished folder into place; an old OUT (--force) is set aside, then removed."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError as exc:
+        if old is not None:
+            os.replace(old, out)
+        raise ExportError(f"cannot move the export into {out}: {exc}") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_into(folder: Path, ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from gaze_edge.model.checkpoint import load_checkpoint
+
+    from . import onnx_export as ox
+    from .validate import validate_export
+
+    total = 6
+    start = time.perf_counter()
+    _progress(1, total, f"loading {ckpt}")
+    model, processor = load_checkpoint(ckpt)  # CheckpointError names missing files or a wrong model type
+    config = model.config
+    max_seq_len = args.max_seq_len or config.max_position_embeddings
+    export_model = copy.deepcopy(model).half() if args.dtype == "fp16" else model
+    external = True if args.external_data else None
+    try:
+        _progress(2, total, f"exporting decoder.onnx ({config.num_hidden_layers} GazeAttention layers, {args.dtype})")
+        ox.export_decoder(export_model, folder / "decoder.onnx", max_images=args.max_images, opset=args.opset,
+                          trt_compat=args.trt_compat, external_data=external)
+        _progress(3, total, "exporting vision.onnx and embed_tokens.npy")
+        ox.export_vision(export_model, folder / "vision.onnx", opset=args.opset, external_data=external)
+        ox.export_embeddings(export_model, folder / "embed_tokens.npy")
+    except OSError as exc:
+        raise ExportError(f"cannot write the export: {exc}") from exc
+    del export_model
+    _progress(4, total, "checking graphs (onnx.checker full_check)")
+    check_graphs(folder, config.num_hidden_layers, with_function=not args.trt_compat)
+    for name in COPIED_FILES:
+        shutil.copy2(ckpt / name, folder / name)
+    runtime = runtime_config(config, processor, args, max_seq_len)
+    (folder / RUNTIME_CONFIG).write_text(json.dumps(runtime, indent=2) + "\n")
+    _progress(5, total, f"validating against PyTorch on {args.validate_scenes} held-out scenes (ONNX Runtime)")
+    if args.trt_compat:
+        report: dict[str, Any] = {"passed": True, "skipped": "--trt-compat graphs have no FunctionProto: "
+                                  "ONNX Runtime cannot run GazeAttention; validate the default export"}
+        report.update(prefill_logits_rel_err=float("nan"), greedy_identical="n/a")
+    else:
+        with torch.no_grad():
+            report = validate_export(folder, model, processor, dtype=args.dtype, scenes=args.validate_scenes)
+    report["checkpoint"] = str(ckpt.resolve())
+    report["export_seconds"] = round(time.perf_counter() - start, 1)
+    (folder / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    if not report["passed"]:
+        raise ExportError(
+            f"validation failed: prefill logits rel err {report['prefill_logits_rel_err']:.2e}, decode "
+            f"{report['decode_logits_rel_err']:.2e} (tolerance {report['tolerance']}), greedy identical "
+            f"{report['greedy_identical']}; nothing was written"
+        )
+    _progress(6, total, "done")
+    return report
+
+
+def check_graphs(folder: Path, num_layers: int, with_function: bool) -> None:
+    """onnx.checker full_check on both graphs; one GazeAttention node per layer; the function iff expected."""
+    import onnx
+
+    from . import onnx_export as ox
+
+    gf.register_schema()
+    for name in ("decoder.onnx", "vision.onnx"):
+        try:
+            onnx.checker.check_model(str(folder / name), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ExportError(f"{name} fails onnx.checker: {exc}") from exc
+    proto = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
+    nodes = ox.gaze_nodes(proto)
+    if len(nodes) != num_layers:
+        raise ExportError(f"decoder.onnx has {len(nodes)} GazeAttention nodes, expected one per layer ({num_layers})")
+    has_function = any(f.domain == gf.DOMAIN and f.name == gf.OP_TYPE for f in proto.functions)
+    if has_function != with_function:
+        raise ExportError(f"decoder.onnx {'lacks' if with_function else 'carries'} the GazeAttention FunctionProto")
+
+
+def runtime_config(config: Any, processor: Any, args: argparse.Namespace, max_seq_len: int) -> dict[str, Any]:
+    """The runtime config (gaze_config.json): shapes, dtypes, special tokens, template, gaze layout, search."""
+    rh, rw = config.region_size
+    num_regions = args.max_images * config.regions_per_image
+    layers = config.num_hidden_layers
+    cache_dtype = "float16" if args.dtype == "fp16" else "float32"
+    return {
+        "format": "gaze-edge-onnx",
+        "format_version": 1,
+        "model": {
+            "type": config.model_type,
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": config.head_dim,
+            "rope_theta": config.rope_theta,
+            "context_length": max_seq_len,
+            "dtype": cache_dtype,
+            "decoder": {
+                "filename": "decoder.onnx",
+                "inputs": {"inputs_embeds": "inputs_embeds", "slot_pos": "slot_pos", "slot_region": "slot_region",
+                           "slot_valid": "slot_valid", "gaze": "gaze", "write_offset": "write_offset",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
+                           "past_desc_names": "past_key_values.%d.desc"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value", "present_desc_names": "present.%d.desc"},
+                "kv_cache": {"layout": "[batch, kv_heads, max_seq_len, head_dim]", "dtype": cache_dtype,
+                             "max_seq_len": max_seq_len, "past_present_share_buffer": True},
+                "descriptors": {"layout": "[batch, kv_heads, num_regions, head_dim]", "dtype": "float32",
+                                "content": "running sums of the region's keys", "num_regions": num_regions},
+                "function_included": not args.trt_compat,
+                "opset": args.opset,
+            },
+            "vision": {"filename": "vision.onnx", "input": "pixel_values", "output": "image_embeds",
+                       "image_size": config.image_size, "tokens_per_image": config.tokens_per_image,
+                       "dtype": cache_dtype},
+            "embedding": {"filename": "embed_tokens.npy", "shape": [config.vocab_size, config.hidden_size],
+                          "dtype": cache_dtype},
+        },
+        "gaze": {
+            "grid": [config.grid_size, config.grid_size],
+            "region_size": [rh, rw],
+            "regions_per_image": config.regions_per_image,
+            "max_images": args.max_images,
+            "top_k_per_layer": [config.layer_top_k(i) for i in range(layers)],
+            "num_context_tokens": config.num_context_tokens,
+            "context_token_ids": list(config.context_token_ids),
+            "node": {"domain": gf.DOMAIN, "op_type": gf.OP_TYPE, "version": gf.OPSET_VERSION,
+                     "plugin_namespace": gf.PLUGIN_NAMESPACE, "plugin_version": gf.PLUGIN_VERSION},
+        },
+        "special_tokens": {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+            "image_token_id": config.image_token_id,
+            "assistant_token_id": config.assistant_token_id,
+        },
+        "chat_template": processor.chat_template,
+        "search": {"max_length": max_seq_len, "do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                   "repetition_penalty": 1.0, "num_beams": 1, "suppress_token_ids": config.never_generated_ids},
+    }
