@@ -41,7 +41,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .model import evaluate
 
     argv = [str(args.checkpoint), "--scenes", str(args.scenes)]
-    evaluate.main(argv + (["--json", str(args.json)] if args.json else []))
+    argv += ["--json", str(args.json)] if args.json else []
+    evaluate.main(argv + (["--figure", str(args.figure)] if args.figure else []))
     return 0
 
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT)
     ev.add_argument("--scenes", type=int, default=500)
     ev.add_argument("--json", type=Path)
+    ev.add_argument("--figure", type=Path, help="draw gaze maps of a few held-out scenes to this PNG")
     ev.set_defaults(func=_evaluate)
 
     from .export.cli import add_export_parser

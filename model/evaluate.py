@@ -38,6 +38,7 @@ class EvalResult:
     gaze_coverage: float | None = None  # selected regions touch the named object
     random_coverage: float | None = None  # same for a random choice of as many regions
     named_words: int = 0
+    coverage_per_layer: list[float] = field(default_factory=list)
     examples: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -84,6 +85,7 @@ def evaluate(
     rng = np.random.default_rng(seed)
     correct = 0
     hits: list[float] = []
+    per_layer: dict[int, list[float]] = {}
     chance: list[float] = []
     examples: list[dict[str, str]] = []
     prompt_ids = processor.encode(processor.prompt())
@@ -108,7 +110,7 @@ def evaluate(
             for word_index, obj_index in named_object_words(words, scene):
                 touched = object_regions(rendered[b][1][obj_index], config)
                 layer_hits = []
-                for selected in out.selections[word_index - 1]:
+                for layer, selected in enumerate(out.selections[word_index - 1]):
                     if selected is None:
                         continue
                     sel = selected[b, :, 0]  # [Hkv, R]
@@ -116,6 +118,7 @@ def evaluate(
                         continue  # dense selection: nothing to measure
                     picked = sel[:, sorted(touched)].any(-1).float()
                     layer_hits.append(float(picked.mean()))
+                    per_layer.setdefault(layer, []).append(float(picked.mean()))
                     k = int(sel[0].sum())
                     chance.append(random_hit_rate(sel.shape[-1], k, len(touched)))
                 if layer_hits:
@@ -126,6 +129,7 @@ def evaluate(
         gaze_coverage=float(np.mean(hits)) if hits else None,
         random_coverage=float(np.mean(chance)) if chance else None,
         named_words=len(hits),
+        coverage_per_layer=[float(np.mean(per_layer[i])) for i in sorted(per_layer)],
         examples=examples,
     )
 
@@ -192,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     if result.gaze_coverage is not None:
         print(f"  selected regions cover the named object: {result.gaze_coverage:.1%} "
               f"(random choice of as many regions: {result.random_coverage:.1%}, {result.named_words} words)")
+        print("  per layer: " + ", ".join(f"{i}: {c:.1%}" for i, c in enumerate(result.coverage_per_layer)))
     for ex in result.examples[:4]:
         print(f"  truth: {ex['truth']}\n  model: {ex['generated']}")
     if args.json:

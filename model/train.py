@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import scenes
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .configuration import GazeConfig
 from .modeling import GazeForConditionalGeneration, count_parameters
 from .processing import DEFAULT_PROMPT, GazeProcessor, default_processor
@@ -42,10 +42,11 @@ class TrainConfig:
     warmup: int = 100
     dense_frac: float = 0.2  # curriculum: train dense for this fraction of steps ...
     shrink_end_frac: float = 0.6  # ... then shrink k linearly until this fraction
-    aux_weight: float = 1.0
+    aux_weight: float = 0.0  # 1.0 hurt: see docs/MODEL.md
     seed: int = 0
     threads: int = 1
     log_every: int = 50
+    init_from: str | None = None  # continue from this checkpoint (stage 2 of the recipe)
 
 
 def tiny_config(vocab_size: int, top_k: int) -> GazeConfig:
@@ -117,6 +118,10 @@ def train(cfg: TrainConfig) -> GazeForConditionalGeneration:
     regions = probe.regions_per_image
     config = tiny_config(processor.tokenizer.get_vocab_size(), regions if cfg.dense else cfg.top_k)
     model = GazeForConditionalGeneration(config)
+    if cfg.init_from:
+        start_model, _ = load_checkpoint(cfg.init_from)
+        model.load_state_dict(start_model.state_dict())
+        print(f"starting from {cfg.init_from}", flush=True)
     print(f"training {'dense' if cfg.dense else 'gaze'} model: {count_parameters(model):,} parameters, "
           f"{cfg.steps} steps of {cfg.batch}, target top_k {config.gaze_top_k} of {regions} regions", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -159,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--dense", action="store_true", help="train the dense twin (top_k >= R)")
+    parser.add_argument("--init-from", help="checkpoint to continue from")
     for field in ("top_k", "steps", "batch", "seed", "threads", "warmup", "log_every"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(TrainConfig, field))
     for field in ("lr", "aux_weight", "dense_frac", "shrink_end_frac"):
