@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint train evaluate clean
+.PHONY: setup demo test test-fast lint train evaluate plugins clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ evaluate: setup
 	$(VENV)/bin/gaze evaluate checkpoints/gaze-tiny --json checkpoints/gaze-tiny/eval.json \
 		--figure docs/figures/gaze_examples.png
 	$(VENV)/bin/gaze evaluate checkpoints/gaze-tiny-dense --json checkpoints/gaze-tiny-dense/eval.json
+
+## CUDA kernels + C ABI (always) and the TensorRT plugin (where TensorRT is found: TensorRT_ROOT=...).
+plugins:
+	cmake -S plugins_trt -B build/plugins_trt -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/plugins_trt -j2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -19,7 +19,7 @@ from typing import Any
 
 from gaze_edge.errors import GazeError, InputError
 
-from . import gaze_function as gf
+from . import node as gf
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
 RUNTIME_CONFIG = "gaze_config.json"
@@ -44,6 +44,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="omit the FunctionProto (TensorRT <= 10.6 would run it instead of the plugin)")
     p.add_argument("--external-data", action="store_true",
                    help="always store weights as external data (automatic above 2 GB)")
+    p.add_argument("--gaze-map-outputs", action="store_true",
+                   help="also output each layer's rotated queries (gaze_query.N) so the runtime can draw gaze maps")
     p.add_argument("--validate-scenes", type=int, default=4, help="held-out scenes for the greedy check")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run_export)
@@ -136,7 +138,8 @@ def _export_into(folder: Path, ckpt: Path, args: argparse.Namespace) -> dict[str
     try:
         _progress(2, total, f"exporting decoder.onnx ({config.num_hidden_layers} GazeAttention layers, {args.dtype})")
         ox.export_decoder(export_model, folder / "decoder.onnx", max_images=args.max_images, opset=args.opset,
-                          trt_compat=args.trt_compat, external_data=external)
+                          trt_compat=args.trt_compat, external_data=external,
+                          gaze_query_outputs=getattr(args, "gaze_map_outputs", False))
         _progress(3, total, "exporting vision.onnx and embed_tokens.npy")
         ox.export_vision(export_model, folder / "vision.onnx", opset=args.opset, external_data=external)
         ox.export_embeddings(export_model, folder / "embed_tokens.npy")
@@ -174,9 +177,10 @@ def check_graphs(folder: Path, num_layers: int, with_function: bool) -> None:
     """onnx.checker full_check on both graphs; one GazeAttention node per layer; the function iff expected."""
     import onnx
 
+    from . import gaze_function
     from . import onnx_export as ox
 
-    gf.register_schema()
+    gaze_function.register_schema()
     for name in ("decoder.onnx", "vision.onnx"):
         try:
             onnx.checker.check_model(str(folder / name), full_check=True)
@@ -224,6 +228,7 @@ def runtime_config(config: Any, processor: Any, args: argparse.Namespace, max_se
                 "descriptors": {"layout": "[batch, kv_heads, num_regions, head_dim]", "dtype": "float32",
                                 "content": "running sums of the region's keys", "num_regions": num_regions},
                 "function_included": not args.trt_compat,
+                "gaze_query_outputs": bool(getattr(args, "gaze_map_outputs", False)),
                 "opset": args.opset,
             },
             "vision": {"filename": "vision.onnx", "input": "pixel_values", "output": "image_embeds",

@@ -17,13 +17,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-DOMAIN = "gaze"
-OP_TYPE = "GazeAttention"
-OPSET_VERSION = 1
-PLUGIN_NAMESPACE = "gaze"
-PLUGIN_VERSION = "1"
+from .node import DOMAIN, MIN_OPSET, OP_TYPE, OPSET_VERSION, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+__all__ = ["DOMAIN", "MIN_OPSET", "OP_TYPE", "OPSET_VERSION", "PLUGIN_NAMESPACE", "PLUGIN_VERSION"]
+
 IR_VERSION = 10  # ONNX Runtime 1.2x reads up to 10/11; TensorRT 10 parsers too
-MIN_OPSET = 18  # ReduceMax with an axes input, Shape with start/end
 
 INPUTS = (
     "query",  # [B, Hq, T, D] rotary applied, cache dtype

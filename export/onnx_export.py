@@ -117,21 +117,27 @@ class DecoderSpec:
             names += self.past_names(layer)
         return names
 
-    def output_names(self) -> list[str]:
+    def output_names(self, gaze_query_outputs: bool = False) -> list[str]:
         names = ["logits"]
         for layer in range(self.num_layers):
             names += self.present_names(layer)
+        if gaze_query_outputs:
+            names += [f"gaze_query.{layer}" for layer in range(self.num_layers)]
         return names
 
 
 class GazeDecoderForExport(nn.Module):
     """The decoder of a GazeForConditionalGeneration over a static cache, as the ONNX graph computes it."""
 
-    def __init__(self, model: GazeForConditionalGeneration, plugin_namespace: str, plugin_version: str) -> None:
+    def __init__(self, model: GazeForConditionalGeneration, plugin_namespace: str, plugin_version: str,
+                 gaze_query_outputs: bool = False) -> None:
         super().__init__()
         self.model = model
         self.plugin_namespace = plugin_namespace
         self.plugin_version = plugin_version
+        # Optional extra outputs (after all presents): each layer's rotated queries [B, Hq, T, D], from
+        # which the runtime re-runs the selection rule for gaze maps; the GazeAttention node is unchanged.
+        self.gaze_query_outputs = gaze_query_outputs
 
     def forward(
         self,
@@ -150,6 +156,7 @@ class GazeDecoderForExport(nn.Module):
         rh, rw = config.region_size
         x = inputs_embeds
         presents: list[torch.Tensor] = []
+        queries: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -164,11 +171,12 @@ class GazeDecoderForExport(nn.Module):
                 self.plugin_namespace, self.plugin_version,
             )
             presents += [present_key, present_value, present_desc]
+            queries.append(q)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             h = layer.post_attention_layernorm(x)
             x = x + layer.down_proj(torch.nn.functional.silu(layer.gate_proj(h)) * layer.up_proj(h))
         logits = self.model.lm_head(self.model.norm(x))
-        return (logits, *presents)
+        return (logits, *presents, *(queries if self.gaze_query_outputs else []))
 
 
 class VisionForExport(nn.Module):
@@ -247,15 +255,19 @@ def export_decoder(
     external_data: bool | None = None,
     plugin_namespace: str = gf.PLUGIN_NAMESPACE,
     plugin_version: str = gf.PLUGIN_VERSION,
+    gaze_query_outputs: bool = False,
 ) -> None:
-    """Write the decoder graph to `path`; it carries the GazeAttention FunctionProto unless `trt_compat`."""
+    """Write the decoder graph to `path`; it carries the GazeAttention FunctionProto unless `trt_compat`.
+
+    `gaze_query_outputs` appends outputs `gaze_query.{i}` (rotated queries) for the runtime's gaze maps.
+    """
     spec = decoder_spec(model, max_images)
-    wrapper = GazeDecoderForExport(model, plugin_namespace, plugin_version).eval()
+    wrapper = GazeDecoderForExport(model, plugin_namespace, plugin_version, gaze_query_outputs).eval()
     program = _export(
         wrapper,
         dummy_decoder_inputs(model, spec),
         input_names=spec.input_names(),
-        output_names=spec.output_names(),
+        output_names=spec.output_names(gaze_query_outputs),
         dynamic_shapes=_decoder_dynamic_shapes(spec),
         custom_translation_table={torch.ops.gaze.attention.default: _make_translation()},
         opset_version=opset,

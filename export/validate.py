@@ -1,15 +1,14 @@
 """Drive exported graphs with numpy + ONNX Runtime, and check them against the PyTorch model.
 
-`OnnxGazeGenerator` is a minimal runtime over an export folder (decoder.onnx, vision.onnx,
-embed_tokens.npy): it owns the static KV cache, the descriptor sums and the slot
-metadata (docs/ONNX_CONTRACT.md, "Runtime duties"), and runs prefill then greedy decode.
-It imports no torch; `validate_export` (which does) compares it with
-`GazeForConditionalGeneration` on held-out scenes and returns the validation report.
+`validate_export` compares the torch-free runtime (gaze_edge.runtime: the one decode loop,
+region-major static cache, ONNX Runtime backend) with `GazeForConditionalGeneration` on
+held-out scenes and returns the validation report. `OnnxGazeGenerator` is a single-call
+driver (lay out tokens, run decoder.onnx once) for graph-level tests of bare graph
+folders; it has no generation loop of its own.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,10 @@ import numpy as np
 import onnxruntime as ort
 
 from gaze_edge.reference import region_index_map
+from gaze_edge.runtime.backend import OrtBackend
+from gaze_edge.runtime.folder import ExportFolder
+from gaze_edge.runtime.generate import GazeRuntime, Prompt
+from gaze_edge.runtime.sampling import SamplingConfig
 
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -142,46 +145,11 @@ class OnnxGazeGenerator:
         }
         outputs = self.decoder.run(None, feeds)
         names = [o.name for o in self.decoder.get_outputs()]
-        for name, value in zip(names[1:], outputs[1:], strict=True):
-            self.past[name.replace("present.", "past_key_values.", 1)] = value
+        for name, value in zip(names, outputs, strict=True):
+            if name.startswith("present."):  # gaze_query.* outputs (--gaze-map-outputs) are not cache
+                self.past[name.replace("present.", "past_key_values.", 1)] = value
         self.written += ids.shape[1]
         return outputs[0]
-
-    # ------------------------------------------------------------ generation
-
-    def generate(
-        self,
-        ids: np.ndarray,
-        mask: np.ndarray,
-        pixel_values: np.ndarray | None,
-        max_new_tokens: int,
-        prefill_chunk: int | None = None,
-    ) -> tuple[np.ndarray, dict[str, float]]:
-        """Greedy tokens [B, n] (pad after eos) as GazeForConditionalGeneration.generate, and timings."""
-        batch, length = ids.shape
-        self.reset(batch, length + max_new_tokens)
-        start = time.perf_counter()
-        embeds = self.embed(ids, pixel_values)
-        chunk = prefill_chunk or length
-        for s in range(0, length, chunk):
-            logits = self.forward(embeds[:, s : s + chunk], ids[:, s : s + chunk], mask[:, s : s + chunk], False)
-        prefill_s = time.perf_counter() - start
-        finished = np.zeros(batch, dtype=bool)
-        tokens = []
-        start = time.perf_counter()
-        for _ in range(max_new_tokens):
-            last = logits[:, -1].astype(np.float32)
-            last[:, list(self.layout.suppress_token_ids)] = -np.inf
-            token = last.argmax(-1)
-            token = np.where(finished, self.layout.pad_token_id, token)
-            tokens.append(token)
-            finished |= token == self.layout.eos_token_id
-            if finished.all():
-                break
-            step = token[:, None]
-            logits = self.forward(self.embed(step, None), step, np.ones_like(step), True)
-        decode_s = time.perf_counter() - start
-        return np.stack(tokens, 1), {"prefill_s": prefill_s, "decode_s": decode_s, "new_tokens": len(tokens)}
 
 
 # ------------------------------------------------------------------ validation
@@ -189,6 +157,24 @@ class OnnxGazeGenerator:
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a.astype(np.float64) - b) / max(float(np.linalg.norm(b)), 1e-30))
+
+
+def _runtime_for(folder: Path, config: Any, processor: Any, dtype: str, threads: int) -> GazeRuntime:
+    """The runtime over a folder of graphs, its runtime config derived from the model (the folder may be bare)."""
+    import argparse
+
+    from .cli import runtime_config
+
+    desc = session(folder / "decoder.onnx", threads)
+    inputs = {i.name: i for i in desc.get_inputs()}
+    num_regions = int(inputs["past_key_values.0.desc"].shape[2])
+    queries = any(o.name.startswith("gaze_query.") for o in desc.get_outputs())
+    del desc
+    args = argparse.Namespace(max_images=num_regions // config.regions_per_image, dtype=dtype, opset=18,
+                           trt_compat=False, gaze_map_outputs=queries)
+    runtime = runtime_config(config, processor, args, config.max_position_embeddings)
+    export = ExportFolder.from_config(folder, runtime, processor)
+    return GazeRuntime(export, OrtBackend(export, threads=threads))
 
 
 def validate_export(
@@ -211,48 +197,52 @@ def validate_export(
     import torch
 
     from gaze_edge.model import scenes as scene_lib
+    from gaze_edge.model.processing import DEFAULT_PROMPT
 
     config = model.config
     tolerance = 1e-4 if dtype == "fp32" else 1e-2
-    generator = OnnxGazeGenerator(folder, LayoutConfig.from_model_config(config), threads=threads)
+    runtime = _runtime_for(Path(folder), config, processor, dtype, threads)
     rng = np.random.default_rng(seed)
     sample = [scene_lib.sample_scene(rng, held_out=True) for _ in range(scenes)]
     images = [scene_lib.render(s, config.image_size, rng)[0] for s in sample]
     pixels = processor.preprocess(images)
-    max_images = generator.num_regions // config.regions_per_image
+    max_images = runtime.shape.max_images
     # A left-padded batch: sequences with 1 .. max_images images (batch padding and padding regions).
     counts = [1 + i % max(1, min(max_images, len(images))) for i in range(min(len(images), 3))]
     prompts = [processor.prompt(num_images=c) for c in counts]
     ids, mask = processor.batch_encode(prompts)
     batch_pixels = np.concatenate([pixels[: c] for c in counts])
 
-    generator.reset(ids.shape[0], ids.shape[1] + 2)
-    onnx_prefill = generator.forward(generator.embed(ids, batch_pixels), ids, mask, gaze=False)
-    step = onnx_prefill[:, -1].astype(np.float32).argmax(-1)[:, None]
-    onnx_step = generator.forward(generator.embed(step, None), step, np.ones_like(step), gaze=True)
     with torch.no_grad():
         cache = model.new_cache(ids.shape[0])
         ref = model(torch.from_numpy(ids), pixel_values=torch.from_numpy(batch_pixels),
                     attention_mask=torch.from_numpy(mask), past_key_values=cache)
-        ref_step = model(torch.from_numpy(step), gaze_mask=torch.ones(step.shape, dtype=torch.bool),
+        last = ref.logits[:, -1].float().numpy().copy()
+        last[:, config.never_generated_ids] = -np.inf  # a random model may pick <image>, which needs pixels
+        step = last.argmax(-1)
+        ref_step = model(torch.from_numpy(step[:, None]), gaze_mask=torch.ones((len(step), 1), dtype=torch.bool),
                          past_key_values=cache)
+    onnx_prefill, onnx_step = runtime.prompt_logits([Prompt(DEFAULT_PROMPT, images[:c]) for c in counts], step)
     valid = mask.astype(bool)
     prefill_err = _rel(onnx_prefill[valid], ref.logits.float().numpy()[valid])
     step_err = _rel(onnx_step, ref_step.logits.float().numpy())
 
     generations = []
-    for scene, pixel in zip(sample, pixels, strict=True):
+    for scene, image, pixel in zip(sample, images, pixels, strict=True):
         ids1, mask1 = processor.batch_encode([processor.prompt(num_images=1)])
-        onnx_tokens, timing = generator.generate(ids1, mask1, pixel[None], max_new_tokens)
+        result = runtime.generate(Prompt(DEFAULT_PROMPT, [image]), SamplingConfig(max_new_tokens=max_new_tokens))
         torch_tokens = model.generate(torch.from_numpy(ids1), pixel_values=torch.from_numpy(pixel[None]),
                                       attention_mask=torch.from_numpy(mask1), max_new_tokens=max_new_tokens)
-        a, b = onnx_tokens[0].tolist(), torch_tokens.sequences[0].tolist()
+        a, b = result.tokens[0].tolist(), torch_tokens.sequences[0].tolist()
+        timing = result.timings
         generations.append({
             "truth": scene.caption(),
             "onnx": processor.decode(a),
             "pytorch": processor.decode(b),
             "identical": a == b,
-            **{k: round(v, 4) if isinstance(v, float) else v for k, v in timing.items()},
+            "prefill_s": round(timing.prefill_s, 4),
+            "decode_s": round(sum(timing.step_s), 4),
+            "new_tokens": len(a),
         })
     identical = sum(g["identical"] for g in generations)
     passed = prefill_err < tolerance and step_err < tolerance and (dtype != "fp32" or identical == len(generations))

@@ -63,9 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--figure", type=Path, help="draw gaze maps of a few held-out scenes to this PNG")
     ev.set_defaults(func=_evaluate)
 
+    # Parser modules import nothing heavy at module level: `gaze caption` on a device needs
+    # neither torch nor onnx (tests/test_runtime_core.py checks it).
     from .export.cli import add_export_parser
+    from .export.trt_build import add_build_parser
+    from .runtime.cli import add_caption_parser, add_profile_parser
 
     add_export_parser(sub)
+    add_build_parser(sub)
+    add_caption_parser(sub)
+    add_profile_parser(sub)
     return parser
 
 

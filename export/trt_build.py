@@ -1,0 +1,326 @@
+"""`gaze build OUT`: TensorRT engines for an export folder, with the GazeAttention plugin.
+
+Runs on the target (JetPack) or a machine with the same GPU architecture and TensorRT
+version. Writes into OUT/engines/ (or --engine-dir): decoder.engine (one engine, two
+optimization profiles: 0 = prefill chunks, 1 = decode steps), vision.engine, a timing
+cache, a copy of the plugin library, and engine_manifest.json (TensorRT version, GPU arch,
+plugin sha256, shapes) that the runtime checks before loading (export/engine_manifest.py).
+
+TensorRT's ONNX parser and the plugin: the library is loaded from an explicit path
+(IPluginRegistry.load_library, never a search path). TensorRT <= 10.6 runs a model-local
+function instead of a registered plugin, so the gaze FunctionProto is stripped for those
+versions (needs the `onnx` package, or export with --trt-compat); from 10.7 the plugin wins,
+and from 10.15 because the node carries plugin_namespace, with the parser flag
+ENABLE_PLUGIN_OVERRIDE also set where the TensorRT Python API has it.
+
+The lead wires `add_build_parser` into gaze_edge/cli.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from gaze_edge.errors import GazeError
+
+from . import engine_manifest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PLUGIN = REPO_ROOT / "build" / "plugins_trt" / "libgaze_trt_plugin.so"
+PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "GazeAttention", "1", "gaze"
+SUPPORTED = ((10, 3), (10, 99))  # TensorRT 10.x (JetPack 6.2: 10.3 ... JetPack 7.2: 10.16)
+BUILD_HINT = "cmake -S plugins_trt -B build/plugins_trt && cmake --build build/plugins_trt -j2"
+
+
+class TensorRTMissingError(GazeError):
+    """TensorRT (the builder and its Python API) is not installed, or only a placeholder is."""
+
+
+class EngineBuildError(GazeError):
+    """The engines cannot be built: bad export folder, plugin library or TensorRT failure."""
+
+
+def add_build_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `build` subcommand to a `gaze` argparse subparsers object."""
+    p = subparsers.add_parser("build", help="build TensorRT engines (GazeAttention plugin) for an export folder")
+    p.add_argument("export", type=Path, help="export folder written by `gaze export`")
+    p.add_argument("--plugin", type=Path, default=DEFAULT_PLUGIN,
+                   help=f"plugin library libgaze_trt_plugin.so (default: {DEFAULT_PLUGIN}; build: {BUILD_HINT})")
+    p.add_argument("--engine-dir", type=Path, default=None, help="where engines go (default: EXPORT/engines)")
+    p.add_argument("--max-batch", type=int, default=1, help="largest batch the engines serve")
+    p.add_argument("--max-prefill", type=int, default=512, help="largest prefill chunk (tokens per call)")
+    p.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace memory pool limit")
+    p.add_argument("--no-fp16", action="store_true", help="do not allow FP16 kernels (export dtype only)")
+    p.add_argument("--force", action="store_true", help="replace existing engines")
+    p.set_defaults(func=run_build)
+    return p
+
+
+# ---- TensorRT import and version rules (testable without TensorRT) ------------------------------
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    m = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", str(text))
+    if not m:
+        raise TensorRTMissingError(f"cannot read the TensorRT version {text!r}")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def import_tensorrt() -> ModuleType:
+    """The real TensorRT Python API, or TensorRTMissingError saying what to install."""
+    hint = ("`gaze build` needs the TensorRT builder and its Python API: on a Jetson, JetPack's "
+            "python3-libnvinfer (TensorRT 10.3+); on x86, the TensorRT 10.x SDK or NVIDIA's tensorrt wheel "
+            "from pypi.nvidia.com. Engines must be built on a machine with TensorRT and the target's GPU "
+            "architecture; without TensorRT, run the export folder with the ONNX Runtime backend.")
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTMissingError(f"TensorRT is not installed ({exc}). {hint}") from exc
+    except Exception as exc:  # placeholder packages may raise anything at import time
+        raise TensorRTMissingError(f"the installed `tensorrt` package cannot be imported ({exc!r}); "
+                                   f"it is likely a placeholder. {hint}") from exc
+    missing = [a for a in ("Builder", "OnnxParser", "Logger", "get_plugin_registry", "__version__")
+               if not hasattr(trt, a)]
+    if missing:
+        where = getattr(trt, "__file__", "?")
+        raise TensorRTMissingError(f"the installed `tensorrt` package ({where}) is a placeholder, not TensorRT: "
+                                   f"it has no {', '.join(missing)}. {hint}")
+    version = parse_version(trt.__version__)
+    if not (SUPPORTED[0] <= version[:2] <= SUPPORTED[1]):
+        raise TensorRTMissingError(f"TensorRT {trt.__version__} is not supported: gaze-edge targets TensorRT "
+                                   f"10.3 .. 10.x (JetPack 6.2 .. 7.2). {hint}")
+    return trt
+
+
+@dataclass(frozen=True)
+class ParserPlan:
+    strip_function: bool  # remove the gaze FunctionProto (TensorRT <= 10.6 would run it instead of the plugin)
+    plugin_override_flag: bool  # set OnnxParserFlag.ENABLE_PLUGIN_OVERRIDE (when the API has it)
+
+
+def parser_plan(version: tuple[int, int, int], has_override_flag: bool) -> ParserPlan:
+    return ParserPlan(strip_function=version[:2] <= (10, 6), plugin_override_flag=has_override_flag)
+
+
+# ---- shapes and profiles -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildShapes:
+    max_batch: int
+    max_prefill: int
+    max_seq_len: int
+    num_regions: int
+    max_images: int
+    image_size: int
+    hidden_size: int
+    kv_heads: int
+    head_dim: int
+    num_layers: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def shapes_from_config(config: dict[str, Any], max_batch: int, max_prefill: int) -> BuildShapes:
+    """The shapes the engines serve, from gaze_config.json; EngineBuildError naming a bad field."""
+    try:
+        model, gaze = config["model"], config["gaze"]
+        decoder = model["decoder"]
+        shapes = BuildShapes(
+            max_batch=max_batch, max_prefill=max_prefill,
+            max_seq_len=int(decoder["kv_cache"]["max_seq_len"]),
+            num_regions=int(decoder["descriptors"]["num_regions"]),
+            max_images=int(gaze["max_images"]), image_size=int(model["vision"]["image_size"]),
+            hidden_size=int(model["hidden_size"]), kv_heads=int(model["num_key_value_heads"]),
+            head_dim=int(model["head_dim"]), num_layers=int(model["num_hidden_layers"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineBuildError(f"gaze_config.json is missing or has a bad field ({exc!r}); re-run `gaze export`") \
+            from exc
+    if max_batch < 1 or max_prefill < 1:
+        raise EngineBuildError("--max-batch and --max-prefill must be >= 1")
+    if max_prefill > shapes.max_seq_len:
+        raise EngineBuildError(f"--max-prefill {max_prefill} exceeds the KV cache capacity {shapes.max_seq_len}")
+    return shapes
+
+
+Range = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max)
+
+
+def decoder_profile(name: str, dims: tuple[int, ...], s: BuildShapes, phase: str) -> Range:
+    """(min, opt, max) of decoder input `name` with dims (-1 dynamic) for phase 'prefill' or 'decode'.
+
+    B: 1..max_batch; T: 1..max_prefill (prefill) or 1 (decode); S: the static cache capacity.
+    """
+    b = (1, s.max_batch, s.max_batch)
+    t = (1, s.max_prefill, s.max_prefill) if phase == "prefill" else (1, 1, 1)
+    seq = (s.max_seq_len,) * 3
+    if name == "inputs_embeds" or name == "gaze":
+        roles = [b, t]
+    elif name in ("slot_pos", "slot_region", "slot_valid"):
+        roles = [b, seq]
+    elif name == "write_offset":
+        roles = [(1, 1, 1)]
+    elif name.startswith("past_key_values.") and name.endswith(".desc"):
+        roles = [b, (s.kv_heads,) * 3, (s.num_regions,) * 3, (s.head_dim,) * 3]
+    elif name.startswith("past_key_values."):
+        roles = [b, (s.kv_heads,) * 3, seq, (s.head_dim,) * 3]
+    else:
+        raise EngineBuildError(f"decoder.onnx has an input {name!r} this builder does not know; re-run `gaze export`")
+    if len(roles) < len(dims):
+        roles += [(d, d, d) for d in dims[len(roles):]]
+    ranges = [roles[i] if d < 0 else (d, d, d) for i, d in enumerate(dims)]
+    return tuple(r[0] for r in ranges), tuple(r[1] for r in ranges), tuple(r[2] for r in ranges)
+
+
+def vision_profile(dims: tuple[int, ...], s: BuildShapes) -> Range:
+    """(min, opt, max) of pixel_values [N, 3, size, size]: N images of the whole batch, 1..max_images x max_batch."""
+    fixed = (0, 3, s.image_size, s.image_size)
+    ranges = [(1, s.max_images, s.max_images * s.max_batch) if i == 0 and d < 0 else
+              (d, d, d) if d >= 0 else (fixed[i],) * 3 for i, d in enumerate(dims)]
+    return tuple(r[0] for r in ranges), tuple(r[1] for r in ranges), tuple(r[2] for r in ranges)
+
+
+# ---- ONNX preparation --------------------------------------------------------------------------
+
+
+def strip_gaze_function(src: Path, dst: Path) -> bool:
+    """Write `src` without the gaze.GazeAttention FunctionProto to `dst` (same folder: external data
+    paths stay valid). Returns False (nothing written) when there is no such function."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise EngineBuildError(
+            "TensorRT <= 10.6 would run the GazeAttention function body instead of the plugin, and stripping it "
+            "needs the `onnx` package: pip install onnx, or re-export with `gaze export --trt-compat`") from exc
+    model = onnx.load(str(src), load_external_data=False)
+    keep = [f for f in model.functions if not (f.domain == PLUGIN_NAMESPACE and f.name == PLUGIN_NAME)]
+    if len(keep) == len(model.functions):
+        return False
+    del model.functions[:]
+    model.functions.extend(keep)
+    onnx.save(model, str(dst))
+    return True
+
+
+# ---- the build ---------------------------------------------------------------------------------
+
+
+def _load_plugin(trt: ModuleType, plugin: Path) -> None:
+    if not plugin.is_file():
+        raise EngineBuildError(f"plugin library {plugin} does not exist; build it with: {BUILD_HINT} "
+                               f"(on the machine with TensorRT), or pass --plugin PATH")
+    registry = trt.get_plugin_registry()
+    try:
+        registry.load_library(str(plugin.resolve()))
+    except Exception as exc:
+        raise EngineBuildError(f"TensorRT cannot load the plugin library {plugin}: {exc}") from exc
+    creator = registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) \
+        if hasattr(registry, "get_creator") else registry.get_plugin_creator(PLUGIN_NAME, PLUGIN_VERSION,
+                                                                              PLUGIN_NAMESPACE)
+    if creator is None:
+        raise EngineBuildError(f"{plugin} loaded but registers no {PLUGIN_NAMESPACE}::{PLUGIN_NAME} version "
+                               f"{PLUGIN_VERSION}: is it libgaze_trt_plugin.so from this gaze-edge?")
+
+
+def _parse(trt: ModuleType, logger: Any, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    override = getattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
+    if override is not None:
+        parser.set_flag(override)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
+    return network, parser
+
+
+def _build_engine(trt: ModuleType, builder: Any, network: Any, profiles: list[dict[str, Range]],
+                  cache: Any, args: argparse.Namespace, out: Path) -> None:
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, args.workspace_mib << 20)
+    if not args.no_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    config.set_timing_cache(cache, False)
+    for ranges in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in ranges.items():
+            profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineBuildError(f"TensorRT failed to build {out.name} (see the TensorRT log above)")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(bytes(serialized))
+    os.replace(tmp, out)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    trt = import_tensorrt()  # first: nothing else can be done without it
+    export = Path(args.export)
+    config_file = export / "gaze_config.json"
+    if not config_file.is_file():
+        raise EngineBuildError(f"{export} is not an export folder (no gaze_config.json); run `gaze export` first")
+    config = json.loads(config_file.read_text())
+    shapes = shapes_from_config(config, args.max_batch, args.max_prefill)
+    engine_dir = Path(args.engine_dir) if args.engine_dir else export / "engines"
+    if (engine_dir / engine_manifest.MANIFEST).exists() and not args.force:
+        raise EngineBuildError(f"{engine_dir} already holds engines; pass --force to rebuild")
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    arch, gpu_name = engine_manifest.gpu_arch()
+    version = parse_version(trt.__version__)
+    plan = parser_plan(version, hasattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE"))
+    print(f"TensorRT {trt.__version__}, {gpu_name} ({arch}); plugin {args.plugin}", flush=True)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    _load_plugin(trt, Path(args.plugin))
+    builder = trt.Builder(logger)
+    cache_file = engine_dir / "timing.cache"
+    cache = builder.create_builder_config().create_timing_cache(cache_file.read_bytes() if cache_file.exists()
+                                                                else b"")
+    decoder_onnx = export / config["model"]["decoder"]["filename"]
+    stripped = None
+    if plan.strip_function:
+        fd, name = tempfile.mkstemp(dir=export, prefix=".decoder-trt-", suffix=".onnx")
+        os.close(fd)
+        stripped = Path(name)
+        if strip_gaze_function(decoder_onnx, stripped):
+            decoder_onnx = stripped
+    try:
+        network, _parser = _parse(trt, logger, builder, decoder_onnx)
+        inputs = [network.get_input(i) for i in range(network.num_inputs)]
+        profiles = [{t.name: decoder_profile(t.name, tuple(t.shape), shapes, phase) for t in inputs}
+                    for phase in ("prefill", "decode")]
+        print("[1/2] building decoder.engine (profiles: prefill, decode)", flush=True)
+        _build_engine(trt, builder, network, profiles, cache, args, engine_dir / "decoder.engine")
+    finally:
+        if stripped is not None:
+            stripped.unlink(missing_ok=True)
+    vision_onnx = export / config["model"]["vision"]["filename"]
+    network, _parser = _parse(trt, logger, builder, vision_onnx)
+    vin = network.get_input(0)
+    print("[2/2] building vision.engine", flush=True)
+    _build_engine(trt, builder, network, [{vin.name: vision_profile(tuple(vin.shape), shapes)}], cache, args,
+                  engine_dir / "vision.engine")
+    cache_file.write_bytes(bytes(cache.serialize()))
+    plugin_copy = engine_dir / Path(args.plugin).name
+    shutil.copy2(args.plugin, plugin_copy)
+    engine_manifest.write_manifest(
+        engine_dir, tensorrt_version=trt.__version__, gpu_arch=arch, gpu_name=gpu_name, plugin_path=plugin_copy,
+        engines={"decoder": {"file": "decoder.engine", "profiles": ["prefill", "decode"]},
+                 "vision": {"file": "vision.engine", "profiles": ["vision"]}},
+        shapes=shapes.as_dict(),
+        extra={"fp16": not args.no_fp16, "function_stripped": plan.strip_function,
+               "plugin_override_flag": plan.plugin_override_flag},
+    )
+    print(f"engines written to {engine_dir}", flush=True)
+    return 0

@@ -1,0 +1,128 @@
+// Region scoring fused with top-k selection, one block per (gaze query, KV head, sequence).
+//
+// score[r] = max over the group's query heads g of q[g] . (desc_sum[r] / count[r]), fp32,
+// for eligible regions only (count > 0 and every valid slot's position < the query's).
+// Selection sorts 64-bit keys (descending score, then ascending region id) with a bitonic
+// sort in shared memory: exact ties go to the lower region index, as the contract says, and
+// ineligible or padding regions carry the largest key so they are never selected.
+#include <cstdint>
+
+#include "gaze_common.cuh"
+#include "gaze_dispatch.h"
+#include "gaze_launch.h"
+
+namespace gaze {
+namespace launch {
+namespace {
+
+constexpr uint64_t kNotEligible = ~uint64_t(0);
+
+template <int NS>
+__host__ __device__ constexpr int select_threads() {
+  return NS <= 256 ? 256 : NS <= 1024 ? 512 : 1024;
+}
+
+// Ascending unsigned order of floats: larger float -> larger code. -0 is folded to +0 by the caller.
+__device__ __forceinline__ uint32_t ordered_bits(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+template <typename T, int D, int NS>
+__global__ void __launch_bounds__(select_threads<NS>()) select_kernel(SelectArgs a, Dims d) {
+  constexpr int kThreads = select_threads<NS>();
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kPerLane = D / 32;  // 2 or 4 fp32 descriptor elements per lane
+  __shared__ __align__(16) float q_s[kMaxGroup * D];
+  __shared__ uint64_t keys[NS];
+  __shared__ int n_eligible;
+
+  const int qi = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int t = a.t0 + qi;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const size_t bhq = (size_t(b) * d.Hkv + h) * a.qc + qi;
+  int64_t slot;
+  const bool in_range = dev::query_slot(a.meta.write_offset, t, d.S, &slot);
+  const bool is_gaze = in_range && a.meta.gaze[size_t(b) * d.T + t] && a.meta.slot_valid[size_t(b) * d.S + slot];
+  if (!is_gaze) {  // block-uniform
+    if (tid == 0) a.n_sel[bhq] = 0;
+    return;
+  }
+  const int64_t p = a.meta.slot_pos[size_t(b) * d.S + slot];
+  const T* query = static_cast<const T*>(a.query);
+  for (int e = tid; e < d.G * D; e += kThreads) {
+    const int g = e / D, dd = e % D;
+    q_s[e] = dev::to_float(query[((size_t(b) * d.Hq + h * d.G + g) * d.T + t) * D + dd]);
+  }
+  for (int r = tid; r < NS; r += kThreads) keys[r] = kNotEligible;
+  if (tid == 0) n_eligible = 0;
+  __syncthreads();
+
+  for (int r = warp; r < d.R; r += kWarps) {
+    const size_t br = size_t(b) * d.R + r;
+    const int count = a.idx.region_count[br];
+    if (!(count > 0 && a.idx.region_last[br] < p)) continue;  // warp-uniform
+    const float* row = a.desc + ((size_t(b) * d.Hkv + h) * d.R + r) * D + lane * kPerLane;
+    float dv[kPerLane];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) dv[i] = row[i];
+    float best = -INFINITY;
+    for (int g = 0; g < d.G; ++g) {
+      float part = 0.f;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) part += q_s[g * D + lane * kPerLane + i] * dv[i];
+      best = fmaxf(best, dev::group_sum<32>(part));
+    }
+    const float score = best / float(count) + 0.0f;  // + 0.0f folds -0 into +0
+    if (lane == 0) {
+      keys[r] = (uint64_t(~ordered_bits(score)) << 32) | uint32_t(r);
+      atomicAdd(&n_eligible, 1);
+    }
+  }
+  __syncthreads();
+
+  // Bitonic sort, ascending.
+  for (int k = 2; k <= NS; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = tid; i < NS; i += kThreads) {
+        const int ixj = i ^ j;
+        if (ixj > i) {
+          const uint64_t x = keys[i], y = keys[ixj];
+          const bool ascending = (i & k) == 0;
+          if ((x > y) == ascending) {
+            keys[i] = y;
+            keys[ixj] = x;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  const int n = min(d.kmax, n_eligible);
+  for (int i = tid; i < d.kmax; i += kThreads)
+    a.sel[bhq * d.kmax + i] = i < n ? int32_t(keys[i] & 0xffffffffu) : -1;
+  if (tid == 0) a.n_sel[bhq] = n;
+}
+
+}  // namespace
+
+void select_regions(DType dtype, const Dims& d, const SelectArgs& a, cudaStream_t st) {
+  dispatch(dtype, d.D, [&](auto tag, auto dim) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int kD = decltype(dim)::value;
+    const dim3 grid(a.qc, d.Hkv, d.B);
+    if (d.R <= 256) {
+      select_kernel<T, kD, 256><<<grid, select_threads<256>(), 0, st>>>(a, d);
+    } else if (d.R <= 1024) {
+      select_kernel<T, kD, 1024><<<grid, select_threads<1024>(), 0, st>>>(a, d);
+    } else if (d.R <= kMaxRegions) {
+      select_kernel<T, kD, kMaxRegions><<<grid, select_threads<kMaxRegions>(), 0, st>>>(a, d);
+    } else {
+      throw Error(Error::kUnsupported, "num_regions " + std::to_string(d.R) + " exceeds " +
+                                           std::to_string(kMaxRegions));
+    }
+  });
+}
+
+}  // namespace launch
+}  // namespace gaze

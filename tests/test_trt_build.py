@@ -1,0 +1,264 @@
+"""`gaze build` and the engine manifest up to the point where TensorRT is needed.
+
+No TensorRT here: these pin the refusal when it is missing (or a placeholder), the parser
+rules per TensorRT version, the optimization profiles, stripping the FunctionProto, and
+every mismatch check_manifest must catch. Building engines is NOT exercised (needs TensorRT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from gaze_edge.errors import GazeError
+from gaze_edge.export import engine_manifest as em
+from gaze_edge.export import trt_build as tb
+
+# ---- TensorRT missing / placeholder / wrong version ------------------------------------------------
+
+
+def test_refuses_when_tensorrt_is_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
+    with pytest.raises(tb.TensorRTMissingError, match="TensorRT is not installed.*python3-libnvinfer") as info:
+        tb.import_tensorrt()
+    assert isinstance(info.value, GazeError)
+    assert "ONNX Runtime backend" in str(info.value)
+
+
+def test_refuses_a_placeholder_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = "0.0.1"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    with pytest.raises(tb.TensorRTMissingError, match="is a placeholder, not TensorRT: it has no Builder"):
+        tb.import_tensorrt()
+
+
+def test_refuses_a_package_that_fails_to_import(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pkg = tmp_path / "tensorrt"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise RuntimeError('install TensorRT from pypi.nvidia.com')\n")
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(tb.TensorRTMissingError, match="cannot be imported.*placeholder"):
+        tb.import_tensorrt()
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.0.1", "11.0.0"])
+def test_refuses_unsupported_tensorrt_versions(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    fake = types.ModuleType("tensorrt")
+    for attr in ("Builder", "OnnxParser", "Logger", "get_plugin_registry"):
+        setattr(fake, attr, object())
+    fake.__version__ = version  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    with pytest.raises(tb.TensorRTMissingError, match=f"TensorRT {version} is not supported"):
+        tb.import_tensorrt()
+
+
+def test_this_machine_refuses_or_has_real_tensorrt() -> None:
+    try:
+        trt = tb.import_tensorrt()
+    except tb.TensorRTMissingError as exc:
+        assert "gaze build" in str(exc)
+    else:
+        assert hasattr(trt, "Builder")
+
+
+def test_build_command_prints_the_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    parser = argparse.ArgumentParser(prog="gaze")
+    tb.add_build_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["build", str(tmp_path)])
+    assert args.plugin == tb.DEFAULT_PLUGIN and args.max_batch == 1
+    with pytest.raises(tb.TensorRTMissingError):
+        args.func(args)
+    assert not (tmp_path / "engines").exists()  # nothing written
+    try:
+        from gaze_edge.cli import main
+    except ImportError:
+        return
+    try:
+        code = main(["build", str(tmp_path)])
+    except SystemExit:
+        pytest.skip("`gaze build` is not wired into gaze_edge/cli.py yet")
+    assert code == 2
+
+
+# ---- version rules ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "parsed"),
+                         [("10.3.0.30", (10, 3, 0)), ("10.16.1", (10, 16, 1)), ("10.7", (10, 7, 0))])
+def test_parse_version(text: str, parsed: tuple) -> None:
+    assert tb.parse_version(text) == parsed
+
+
+@pytest.mark.parametrize(("version", "strip"), [((10, 3, 0), True), ((10, 6, 0), True), ((10, 7, 0), False),
+                                                 ((10, 13, 0), False), ((10, 16, 1), False)])
+def test_function_is_stripped_up_to_10_6(version: tuple, strip: bool) -> None:
+    assert tb.parser_plan(version, has_override_flag=False).strip_function is strip
+    assert tb.parser_plan(version, has_override_flag=True).plugin_override_flag
+
+
+def test_strip_gaze_function(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    import onnx
+
+    from gaze_edge.export import gaze_function as gf
+
+    src, dst = tmp_path / "m.onnx", tmp_path / "m-trt.onnx"
+    onnx.save(gf.single_node_model(top_k=2, max_region_tokens=4, scale=0.25), str(src))
+    assert tb.strip_gaze_function(src, dst)
+    stripped = onnx.load(str(dst))
+    assert not stripped.functions
+    node = stripped.graph.node[0]
+    assert (node.domain, node.op_type) == ("gaze", "GazeAttention")
+    assert {a.name for a in node.attribute} == {"top_k", "max_region_tokens", "scale", "plugin_namespace",
+                                                "plugin_version"}
+    assert not tb.strip_gaze_function(dst, tmp_path / "again.onnx")
+    assert not (tmp_path / "again.onnx").exists()
+
+
+# ---- profiles --------------------------------------------------------------------------------------
+
+
+def config(max_seq_len: int = 1024) -> dict:
+    return {
+        "model": {"hidden_size": 128, "num_key_value_heads": 2, "head_dim": 64, "num_hidden_layers": 3,
+                  "vision": {"image_size": 64},
+                  "decoder": {"kv_cache": {"max_seq_len": max_seq_len}, "descriptors": {"num_regions": 64}}},
+        "gaze": {"max_images": 4},
+    }
+
+
+def test_decoder_profiles() -> None:
+    s = tb.shapes_from_config(config(), max_batch=4, max_prefill=256)
+    assert tb.decoder_profile("inputs_embeds", (-1, -1, 128), s, "prefill") == ((1, 1, 128), (4, 256, 128),
+                                                                                (4, 256, 128))
+    assert tb.decoder_profile("inputs_embeds", (-1, -1, 128), s, "decode") == ((1, 1, 128), (4, 1, 128), (4, 1, 128))
+    assert tb.decoder_profile("gaze", (-1, -1), s, "decode") == ((1, 1), (4, 1), (4, 1))
+    assert tb.decoder_profile("slot_valid", (-1, -1), s, "decode") == ((1, 1024), (4, 1024), (4, 1024))
+    assert tb.decoder_profile("write_offset", (1,), s, "prefill") == ((1,), (1,), (1,))
+    assert tb.decoder_profile("past_key_values.2.key", (-1, 2, -1, 64), s, "decode") == \
+        ((1, 2, 1024, 64), (4, 2, 1024, 64), (4, 2, 1024, 64))
+    assert tb.decoder_profile("past_key_values.0.desc", (-1, 2, 64, 64), s, "prefill") == \
+        ((1, 2, 64, 64), (4, 2, 64, 64), (4, 2, 64, 64))
+    with pytest.raises(tb.EngineBuildError, match="input 'attention_mask'"):
+        tb.decoder_profile("attention_mask", (-1, -1), s, "decode")
+
+
+def test_vision_profile() -> None:
+    s = tb.shapes_from_config(config(), max_batch=2, max_prefill=16)
+    assert tb.vision_profile((-1, 3, 64, 64), s) == ((1, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64))
+
+
+def test_bad_build_options() -> None:
+    with pytest.raises(tb.EngineBuildError, match="exceeds the KV cache capacity 1024"):
+        tb.shapes_from_config(config(), max_batch=1, max_prefill=2048)
+    with pytest.raises(tb.EngineBuildError, match="must be >= 1"):
+        tb.shapes_from_config(config(), max_batch=0, max_prefill=16)
+    broken = config()
+    del broken["model"]["decoder"]["kv_cache"]
+    with pytest.raises(tb.EngineBuildError, match="kv_cache"):
+        tb.shapes_from_config(broken, max_batch=1, max_prefill=16)
+
+
+# ---- manifest --------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def built(tmp_path: Path) -> tuple[Path, Path]:
+    folder = tmp_path / "engines"
+    folder.mkdir()
+    (folder / "decoder.engine").write_bytes(b"decoder")
+    (folder / "vision.engine").write_bytes(b"vision")
+    plugin = folder / "libgaze_trt_plugin.so"
+    plugin.write_bytes(b"plugin v1")
+    em.write_manifest(folder, tensorrt_version="10.3.0.30", gpu_arch="sm_87", gpu_name="Orin", plugin_path=plugin,
+                      engines={"decoder": {"file": "decoder.engine"}, "vision": {"file": "vision.engine"}},
+                      shapes={"max_batch": 1})
+    return folder, plugin
+
+
+def test_manifest_round_trip(built: tuple[Path, Path]) -> None:
+    folder, plugin = built
+    m = em.check_manifest(folder, "10.3.0.30", "sm_87", plugin, check_engine_hashes=True)
+    assert m["plugin"]["sha256"] == em.sha256_file(plugin)
+    assert m["engines"]["decoder"]["sha256"] == em.sha256_file(folder / "decoder.engine")
+    assert m["shapes"] == {"max_batch": 1}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"trt_version": "10.16.1"}, "built with TensorRT 10.3.0.30, this machine has TensorRT 10.16.1"),
+    ({"gpu_arch": "sm_110"}, "built for sm_87 \\(Orin\\), this GPU is sm_110"),
+])
+def test_manifest_mismatch(built: tuple[Path, Path], kwargs: dict, message: str) -> None:
+    folder, plugin = built
+    args = {"trt_version": "10.3.0.30", "gpu_arch": "sm_87", **kwargs}
+    with pytest.raises(em.EngineManifestError, match=message) as info:
+        em.check_manifest(folder, args["trt_version"], args["gpu_arch"], plugin)
+    assert "Rebuild them on this machine with `gaze build`" in str(info.value)
+
+
+def test_manifest_catches_another_plugin(built: tuple[Path, Path]) -> None:
+    folder, plugin = built
+    other = plugin.parent / "other.so"
+    other.write_bytes(b"plugin v2")
+    with pytest.raises(em.EngineManifestError, match="is not the one the engines were built with"):
+        em.check_manifest(folder, "10.3.0.30", "sm_87", other)
+    with pytest.raises(em.EngineManifestError, match="does not exist"):
+        em.check_manifest(folder, "10.3.0.30", "sm_87", plugin.parent / "missing.so")
+
+
+def test_manifest_catches_missing_and_modified_engines(built: tuple[Path, Path]) -> None:
+    folder, plugin = built
+    (folder / "vision.engine").write_bytes(b"changed")
+    with pytest.raises(em.EngineManifestError, match="'vision' file .* was modified"):
+        em.check_manifest(folder, "10.3.0.30", "sm_87", plugin, check_engine_hashes=True)
+    (folder / "decoder.engine").unlink()
+    with pytest.raises(em.EngineManifestError, match="engine 'decoder' file .* is missing"):
+        em.check_manifest(folder, "10.3.0.30", "sm_87", plugin)
+
+
+def test_manifest_lists_every_problem(built: tuple[Path, Path]) -> None:
+    folder, plugin = built
+    with pytest.raises(em.EngineManifestError) as info:
+        em.check_manifest(folder, "10.13.0", "sm_110", plugin)
+    assert "TensorRT 10.13.0" in str(info.value) and "sm_110" in str(info.value)
+
+
+def test_manifest_file_problems(tmp_path: Path, built: tuple[Path, Path]) -> None:
+    with pytest.raises(em.EngineManifestError, match="has no engine_manifest.json.*gaze build"):
+        em.check_manifest(tmp_path, "10.3.0.30", "sm_87", tmp_path / "x.so")
+    folder, plugin = built
+    (folder / em.MANIFEST).write_text("{not json")
+    with pytest.raises(em.EngineManifestError, match="not valid JSON"):
+        em.read_manifest(folder)
+    (folder / em.MANIFEST).write_text(json.dumps({"format": em.FORMAT, "format_version": 99}))
+    with pytest.raises(em.EngineManifestError, match="format_version 99"):
+        em.read_manifest(folder)
+    (folder / em.MANIFEST).write_text(json.dumps({"format": "other"}))
+    with pytest.raises(em.EngineManifestError, match="is not a gaze-edge-engines manifest"):
+        em.read_manifest(folder)
+
+
+def test_write_manifest_needs_the_engine_files(tmp_path: Path) -> None:
+    plugin = tmp_path / "p.so"
+    plugin.write_bytes(b"p")
+    with pytest.raises(em.EngineManifestError, match="does not exist"):
+        em.write_manifest(tmp_path, tensorrt_version="10.3", gpu_arch="sm_87", gpu_name="Orin", plugin_path=plugin,
+                          engines={"decoder": {"file": "decoder.engine"}}, shapes={})
+    assert not (tmp_path / em.MANIFEST).exists()
+
+
+def test_gpu_arch_without_a_driver_is_a_clear_error() -> None:
+    try:
+        arch, name = em.gpu_arch()
+    except em.EngineManifestError as exc:
+        assert "driver" in str(exc) or "CUDA" in str(exc)
+    else:
+        assert arch.startswith("sm_") and name
