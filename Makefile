@@ -15,9 +15,20 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-## The main job on the built-in default model: caption generated scenes.
+## The main job on the built-in default model: export it to ONNX (validated against PyTorch), then caption
+## generated scenes with the torch-free runtime, streaming tokens and drawing a gaze map per scene.
+DEMO := out/demo
 demo: setup
-	$(VENV)/bin/gaze demo
+	$(VENV)/bin/gaze scenes -o $(DEMO)/scenes --count 3
+	test -f $(DEMO)/gaze-tiny/decoder.onnx || \
+		$(VENV)/bin/gaze export checkpoints/gaze-tiny -o $(DEMO)/gaze-tiny --gaze-map-outputs --max-seq-len 256
+	@for i in 0 1 2; do \
+		echo "--- $(DEMO)/scenes/scene_$$i.png (truth: $$(sed -n "$$((i+1))p" $(DEMO)/scenes/truth.txt | cut -f2))"; \
+		$(VENV)/bin/gaze caption $(DEMO)/gaze-tiny $(DEMO)/scenes/scene_$$i.png \
+			--gaze-map $(DEMO)/gaze_map_$$i.png || exit 1; \
+	done
+	$(VENV)/bin/gaze profile $(DEMO)/gaze-tiny --new-tokens 32
+	@echo "gaze maps: $(DEMO)/gaze_map_*.png"
 
 test: setup
 	$(PY) -m pytest -q

@@ -8,6 +8,7 @@ Inputs, outputs and layouts: docs/ONNX_CONTRACT.md.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from gaze_edge.model.gaze_op import KeyLayout, gaze_attention
 from gaze_edge.model.modeling import GazeForConditionalGeneration, rotary
 
 from . import gaze_function as gf
+
+# The exporter logs one warning per torchvision op it cannot register; we use none of them.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 # ------------------------------------------------------------------- the custom op
 

@@ -37,6 +37,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scenes(args: argparse.Namespace) -> int:
+    """Write held-out generated scenes as PNG files, with their true captions in truth.txt."""
+    import numpy as np
+    from PIL import Image
+
+    from .model import scenes
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    lines = []
+    for i in range(args.count):
+        scene = scenes.sample_scene(rng, held_out=True)
+        image, _ = scenes.render(scene, args.size, rng)
+        name = f"scene_{i}.png"
+        Image.fromarray(image).save(args.output / name)
+        lines.append(f"{name}\t{scene.caption()}")
+    (args.output / "truth.txt").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.count} scenes to {args.output} (true captions in truth.txt)")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from .model import evaluate
 
@@ -55,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--scenes", type=int, default=6)
     demo.add_argument("--seed", type=int, default=7)
     demo.set_defaults(func=_demo)
+
+    sc = sub.add_parser("scenes", help="write held-out generated scenes as PNG files (demo and calibration input)")
+    sc.add_argument("-o", "--output", type=Path, required=True)
+    sc.add_argument("--count", type=int, default=4)
+    sc.add_argument("--size", type=int, default=48, help="image side in pixels")
+    sc.add_argument("--seed", type=int, default=7)
+    sc.set_defaults(func=_scenes)
 
     ev = sub.add_parser("evaluate", help="held-out caption accuracy and where the model looks")
     ev.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT)

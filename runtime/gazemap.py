@@ -18,6 +18,8 @@ from .folder import ModelShape
 
 PANEL = 144  # display size of one image in a panel (pixels)
 LABEL = 16
+ROW_WIDTH = 6 * PANEL  # words wrap into rows of about this many pixels
+RESAMPLE = Image.Resampling.NEAREST  # crisp tokens: the model's images are small
 
 
 def region_weights(selection: list[np.ndarray], sequence: int = 0) -> np.ndarray:
@@ -39,17 +41,29 @@ def region_boxes(shape: ModelShape, size: int) -> list[tuple[int, int, int, int]
     return boxes
 
 
+def words_per_row(num_images: int) -> int:
+    return max(1, ROW_WIDTH // (PANEL * num_images))
+
+
+def cell_origin(index: int, num_images: int) -> tuple[int, int]:
+    """Top-left pixel of word `index`'s cell (its label above, its images below)."""
+    per_row = words_per_row(num_images)
+    return (index % per_row) * PANEL * num_images, (index // per_row) * (PANEL + LABEL)
+
+
 def draw_gaze_map(images: Sequence[Image.Image], words: Sequence[str], weights: Sequence[np.ndarray | None],
                   shape: ModelShape, path: str | Path) -> None:
-    """One row per word: the word, then each image with its selected regions tinted red by weight."""
-    views = [img.convert("RGB").resize((PANEL, PANEL), Image.Resampling.BILINEAR) for img in images]
+    """One cell per word, in reading order: the word, then each image with its selected regions tinted red."""
+    views = [img.convert("RGB").resize((PANEL, PANEL), RESAMPLE) for img in images]
     boxes = region_boxes(shape, PANEL)
     rpi = shape.regions_per_image
-    canvas = Image.new("RGB", (PANEL * len(views), (PANEL + LABEL) * len(words)), "white")
+    per_row = words_per_row(len(views))
+    rows = -(-len(words) // per_row)
+    canvas = Image.new("RGB", (PANEL * len(views) * min(per_row, len(words)), (PANEL + LABEL) * rows), "white")
     draw = ImageDraw.Draw(canvas)
-    for row, (word, weight) in enumerate(zip(words, weights, strict=True)):
-        top = row * (PANEL + LABEL)
-        draw.text((2, top + 2), f"{word}" + ("  (dense)" if weight is None else ""), fill="black")
+    for index, (word, weight) in enumerate(zip(words, weights, strict=True)):
+        left, top = cell_origin(index, len(views))
+        draw.text((left + 2, top + 2), f"{word}" + ("  (dense)" if weight is None else ""), fill="black")
         for n, view in enumerate(views):
             panel = np.asarray(view, dtype=np.float32).copy()
             if weight is not None:
@@ -58,5 +72,5 @@ def draw_gaze_map(images: Sequence[Image.Image], words: Sequence[str], weights: 
                     if w > 0:
                         alpha = 0.25 + 0.5 * w
                         panel[y0:y1, x0:x1] = (1 - alpha) * panel[y0:y1, x0:x1] + alpha * np.array([255, 0, 0])
-            canvas.paste(Image.fromarray(panel.round().astype(np.uint8)), (n * PANEL, top + LABEL))
+            canvas.paste(Image.fromarray(panel.round().astype(np.uint8)), (left + n * PANEL, top + LABEL))
     canvas.save(path)

@@ -114,15 +114,16 @@ def test_gaze_map_regions_are_those_pytorch_selected(rt, torch_model, tmp_path: 
     image_file = tmp_path / "scene.png"
     Image.fromarray(imgs[0]).save(image_file)
     assert caption_cli(rt.folder.path, image_file, "--max-new-tokens", "6", "--json", "--gaze-map", path) == 0
-    from gaze_edge.runtime.gazemap import LABEL, PANEL, region_boxes, region_weights
+    from gaze_edge.runtime.gazemap import LABEL, PANEL, RESAMPLE, cell_origin, region_boxes, region_weights
     png = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    base = np.asarray(Image.fromarray(imgs[0]).resize((PANEL, PANEL), Image.Resampling.BILINEAR)).astype(int)
-    for row, step in enumerate(got.steps[:5]):
-        panel = png[row * (PANEL + LABEL) + LABEL : (row + 1) * (PANEL + LABEL)]
+    base = np.asarray(Image.fromarray(imgs[0]).resize((PANEL, PANEL), RESAMPLE)).astype(int)
+    for index, step in enumerate(got.steps[:5]):
+        left, top = cell_origin(index, 1)
+        panel = png[top + LABEL : top + LABEL + PANEL, left : left + PANEL]
         weights = None if step.selection is None else region_weights(step.selection)
         for r, (x0, y0, x1, y1) in enumerate(region_boxes(rt.shape, PANEL)):
             changed = np.abs(panel[y0:y1, x0:x1] - base[y0:y1, x0:x1]).max() > 3
-            assert changed == (weights is not None and weights[r] > 0), (row, r)
+            assert changed == (weights is not None and weights[r] > 0), (index, r)
 
 
 def caption_cli(*argv: object) -> int:
