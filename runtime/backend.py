@@ -3,8 +3,8 @@
 A backend owns the device buffers of the KV cache and descriptors (on a GPU they live
 there) and binds the runtime's host slot metadata. `OrtBackend` runs decoder.onnx and
 vision.onnx with ONNX Runtime (CPU here; the CUDA execution provider where
-onnxruntime-gpu is installed). The TensorRT backend plugs in behind the same class
-(plugins_trt issue); asking for it today says so.
+onnxruntime-gpu is installed). The TensorRT backend (runtime/trt_backend.py) plugs in
+behind the same class; where TensorRT, a GPU or matching engines are missing it says so.
 
 What ONNX Runtime does with the cache (measured, see docs/RUNTIME.md): with I/O binding
 the runtime hands ORT the cache buffers themselves (OrtValues over the numpy memory: no
@@ -79,8 +79,9 @@ def create_backend(name: str, folder: ExportFolder, threads: int | None = None,
     if name == "onnxruntime":
         return OrtBackend(folder, threads=threads, provider=provider)
     if name == "tensorrt":
-        raise BackendError("the TensorRT backend is not available yet (it comes with the plugins_trt issue); "
-                           "use --backend onnxruntime")
+        from .trt_backend import TrtBackend  # imports TensorRT lazily; refuses with BackendError when missing
+
+        return TrtBackend(folder)
     raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
 
 

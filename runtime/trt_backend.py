@@ -1,0 +1,895 @@
+"""The TensorRT backend: engines from `gaze build`, behind the same `Backend` interface as ONNX Runtime.
+
+STATUS: this module has been exercised only against test doubles (a fake `tensorrt` module and a
+fake cuda-python runtime, tests/test_runtime_trt.py). It has never run on real TensorRT or a GPU;
+`test_greedy_tokens_equal_onnxruntime_on_tensorrt` is the test that must pass on a machine that has
+both before this path counts as verified.
+
+What it does (docs/RUNTIME.md, "TensorRT backend"):
+
+1. Refuse early. `import tensorrt` (missing, placeholder or an unsupported version), the CUDA
+   runtime (cuda-python if importable, else ctypes on libcudart) and a GPU are checked first;
+   then `engine_manifest.check_manifest` (TensorRT version, GPU arch, plugin sha256, engine files),
+   all before anything is loaded or allocated.
+2. Load the plugin library from the explicit path in the engines folder
+   (`IPluginRegistry.load_library`, never a search path), then deserialize decoder.engine (profile 0
+   prefill chunks, profile 1 decode steps) and vision.engine.
+3. Allocate device buffers once per cache shape: one buffer per layer for key, value and descriptor
+   sums, bound to BOTH `past_key_values.{i}.*` and `present.{i}.*` (the plugin writes the T new
+   slots in place). Slot metadata, `write_offset`, embeddings and the gaze flags are copied host ->
+   device per call (only the slot columns this call writes); logits come back device -> host.
+4. A decode step (T = 1) runs eagerly once (warm-up), is then captured in a CUDA graph and replayed;
+   the graph is re-captured when its key (profile, batch, T, buffer set) changes.
+
+Every decision that needs no TensorRT lives in plain functions here (profile choice, cache length,
+buffer and binding plans, slot copies, prefill splits, the CUDA-graph rule) and is tested without it.
+The class `TrtBackend` is the thin glue that applies them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Protocol
+
+import numpy as np
+
+from gaze_edge.errors import InputError
+from gaze_edge.export import engine_manifest
+from gaze_edge.export.trt_build import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, SUPPORTED, parse_version
+
+from .backend import Backend, BackendError
+from .cache import CacheSpec, SlotState
+from .folder import ExportFolder, ModelShape
+
+ENGINES_DIR = "engines"
+DECODER_ENGINE, VISION_ENGINE = "decoder", "vision"
+PREFILL_PROFILE, DECODE_PROFILE = 0, 1  # the order `gaze build` adds them in
+
+_HINT = ("The TensorRT backend needs TensorRT 10.3 .. 10.x with its Python API (JetPack's python3-libnvinfer, or "
+         "the TensorRT SDK / NVIDIA's wheel from pypi.nvidia.com), a CUDA GPU, and engines built on this machine "
+         "with `gaze build EXPORT`. Without them use --backend onnxruntime.")
+
+
+class TensorRTUnavailableError(BackendError):
+    """TensorRT (or a CUDA runtime, or a GPU) is missing here: nothing was loaded or allocated."""
+
+
+class TensorRTRuntimeError(BackendError):
+    """A TensorRT or CUDA call failed while loading or running the engines."""
+
+
+# ================================================================== TensorRT import (no TensorRT needed)
+
+
+def import_tensorrt_runtime() -> ModuleType:
+    """The real TensorRT Python API (runtime part), or TensorRTUnavailableError saying what to install."""
+    prefix = "the TensorRT backend is not available here"
+    try:
+        trt = importlib.import_module("tensorrt")
+    except ImportError as exc:
+        raise TensorRTUnavailableError(f"{prefix}: TensorRT is not installed ({exc}). {_HINT}") from exc
+    except Exception as exc:  # placeholder packages raise anything at import time
+        raise TensorRTUnavailableError(f"{prefix}: the installed `tensorrt` package cannot be imported ({exc!r}); "
+                                       f"it is likely a placeholder. {_HINT}") from exc
+    missing = [a for a in ("Runtime", "Logger", "get_plugin_registry", "TensorIOMode", "nptype", "__version__")
+               if not hasattr(trt, a)]
+    if missing:
+        raise TensorRTUnavailableError(f"{prefix}: the installed `tensorrt` package ({getattr(trt, '__file__', '?')}) "
+                                       f"is a placeholder, not TensorRT: it has no {', '.join(missing)}. {_HINT}")
+    try:
+        version = parse_version(trt.__version__)
+    except Exception as exc:
+        raise TensorRTUnavailableError(f"{prefix}: {exc}. {_HINT}") from exc
+    if not (SUPPORTED[0] <= version[:2] <= SUPPORTED[1]):
+        raise TensorRTUnavailableError(f"{prefix}: TensorRT {trt.__version__} is not supported (gaze-edge targets "
+                                       f"TensorRT 10.3 .. 10.x). {_HINT}")
+    return trt
+
+
+# ================================================================== plain decisions (tested without TensorRT)
+
+
+@dataclass(frozen=True)
+class ProfileRange:
+    """What one decoder optimization profile accepts: (min, max) of batch B, new tokens T and cache slots S."""
+
+    index: int
+    batch: tuple[int, int]
+    tokens: tuple[int, int]
+    cache: tuple[int, int]
+
+    def accepts(self, batch: int, tokens: int) -> bool:
+        return self.batch[0] <= batch <= self.batch[1] and self.tokens[0] <= tokens <= self.tokens[1]
+
+
+def profile_range(index: int, embeds: Sequence[Sequence[int]], kv: Sequence[Sequence[int]]) -> ProfileRange:
+    """A ProfileRange from the (min, opt, max) shapes of `inputs_embeds` [B, T, H] and a past key [B, Hkv, S, D]."""
+    lo, _, hi = embeds
+    kv_lo, _, kv_hi = kv
+    return ProfileRange(index, (int(lo[0]), int(hi[0])), (int(lo[1]), int(hi[1])), (int(kv_lo[2]), int(kv_hi[2])))
+
+
+def choose_profile(profiles: Sequence[ProfileRange], batch: int, tokens: int) -> int:
+    """The profile a call over `batch` x `tokens` runs in: of those that accept it, the one with the fewest
+    maximum tokens (with `gaze build`'s profiles: T = 1 -> 1 (decode), 1 < T <= max_prefill -> 0 (prefill))."""
+    fitting = [p for p in profiles if p.accepts(batch, tokens)]
+    if not fitting:
+        ranges = ", ".join(f"profile {p.index}: B {p.batch[0]}..{p.batch[1]}, T {p.tokens[0]}..{p.tokens[1]}"
+                           for p in profiles)
+        raise BackendError(f"no decoder engine profile serves a call of batch {batch} x {tokens} tokens ({ranges}); "
+                           "rebuild with `gaze build --max-batch/--max-prefill`")
+    return min(fitting, key=lambda p: (p.tokens[1], p.index)).index
+
+
+def max_call_tokens(profiles: Sequence[ProfileRange], batch: int) -> int:
+    """The most new tokens one engine call takes at this batch (longer prefill chunks are split)."""
+    fitting = [p.tokens[1] for p in profiles if p.batch[0] <= batch <= p.batch[1]]
+    if not fitting:
+        raise BackendError(f"the decoder engine serves batch {min(p.batch[0] for p in profiles)}.."
+                           f"{max(p.batch[1] for p in profiles)}, not {batch}; rebuild with `gaze build --max-batch "
+                           f"{batch}` or run smaller batches")
+    return max(fitting)
+
+
+def cache_length(profiles: Sequence[ProfileRange], capacity: int) -> int:
+    """Cache slots S to allocate: every profile must accept S (buffers are shared), and S >= capacity.
+
+    `gaze build` fixes S to the export's max_seq_len, so this is usually that; an engine with a dynamic
+    S gets the smallest S its profiles allow.
+    """
+    lo = max(p.cache[0] for p in profiles)
+    hi = min(p.cache[1] for p in profiles)
+    length = max(capacity, lo)
+    if length > hi or lo > hi:
+        raise BackendError(f"this generation needs {capacity} cache slots; the decoder engine's profiles accept "
+                           f"{lo}..{hi}: rebuild the engines for this export (`gaze build --force`)")
+    return length
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """One device buffer: its name, the largest shape it holds, and its dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Engine tensor `tensor` is bound to device buffer `buffer` with this shape for one call."""
+
+    tensor: str
+    buffer: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    is_input: bool
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def kv_buffer(layer: int, kind: str) -> str:
+    return f"kv.{layer}.{kind}"
+
+
+def plan_decoder_buffers(shape: ModelShape, batch: int, cache_len: int, max_tokens: int,
+                         query_outputs: bool) -> dict[str, BufferSpec]:
+    """Every device buffer of the decoder, allocated once per (batch, cache_len, max_tokens)."""
+    dt, f32, i64, b1 = np.dtype(shape.dtype), np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.bool_)
+    b, s, t = batch, cache_len, max_tokens
+    specs = [
+        BufferSpec("inputs_embeds", (b, t, shape.hidden_size), dt),
+        BufferSpec("gaze", (b, t), b1),
+        BufferSpec("slot_pos", (b, s), i64),
+        BufferSpec("slot_region", (b, s), i64),
+        BufferSpec("slot_valid", (b, s), b1),
+        BufferSpec("write_offset", (1,), i64),
+        BufferSpec("logits", (b, t, shape.vocab_size), dt),
+    ]
+    for i in range(shape.num_layers):
+        specs.append(BufferSpec(kv_buffer(i, "key"), (b, shape.kv_heads, s, shape.head_dim), dt))
+        specs.append(BufferSpec(kv_buffer(i, "value"), (b, shape.kv_heads, s, shape.head_dim), dt))
+        specs.append(BufferSpec(kv_buffer(i, "desc"), (b, shape.kv_heads, shape.num_regions, shape.head_dim), f32))
+    if query_outputs:
+        specs += [BufferSpec(f"gaze_query.{i}", (b, shape.num_heads, t, shape.head_dim), dt)
+                  for i in range(shape.num_layers)]
+    return {spec.name: spec for spec in specs}
+
+
+def plan_decoder_bindings(shape: ModelShape, batch: int, cache_len: int, tokens: int,
+                          query_outputs: bool) -> list[Binding]:
+    """Which decoder tensor gets which buffer, with which shape, for a call over `tokens` new tokens.
+
+    past_key_values.{i}.{key,value,desc} and present.{i}.{key,value,desc} name the SAME buffer.
+    """
+    bufs = plan_decoder_buffers(shape, batch, cache_len, tokens, query_outputs)
+    out = [Binding(n, n, bufs[n].shape, bufs[n].dtype, True)
+           for n in ("inputs_embeds", "slot_pos", "slot_region", "slot_valid", "gaze", "write_offset")]
+    for i in range(shape.num_layers):
+        for kind in ("key", "value", "desc"):
+            spec = bufs[kv_buffer(i, kind)]
+            out.append(Binding(f"past_key_values.{i}.{kind}", spec.name, spec.shape, spec.dtype, True))
+            out.append(Binding(f"present.{i}.{kind}", spec.name, spec.shape, spec.dtype, False))
+    out.append(Binding("logits", "logits", bufs["logits"].shape, bufs["logits"].dtype, False))
+    if query_outputs:
+        out += [Binding(f"gaze_query.{i}", f"gaze_query.{i}", bufs[f"gaze_query.{i}"].shape,
+                        bufs[f"gaze_query.{i}"].dtype, False) for i in range(shape.num_layers)]
+    return out
+
+
+def check_engine_io(expected: Sequence[Binding], actual: dict[str, tuple[bool, np.dtype[Any]]]) -> list[str]:
+    """Problems between the binding plan and the engine's I/O tensors (name -> (is_input, dtype))."""
+    problems = []
+    names = {b.tensor for b in expected}
+    for b in expected:
+        if b.tensor not in actual:
+            problems.append(f"no tensor {b.tensor!r}")
+            continue
+        is_input, dtype = actual[b.tensor]
+        if is_input != b.is_input:
+            problems.append(f"{b.tensor!r} is an {'input' if is_input else 'output'}, expected the other")
+        if np.dtype(dtype) != b.dtype:
+            problems.append(f"{b.tensor!r} is {np.dtype(dtype)}, expected {b.dtype}")
+    extra = sorted(set(actual) - names)
+    if extra:
+        problems.append(f"unexpected tensors {extra[:4]}")
+    return problems
+
+
+@dataclass(frozen=True)
+class SlotCopy:
+    """A 2-D host -> device copy of the slot columns one call writes (rows = sequences)."""
+
+    buffer: str
+    dst_offset: int  # bytes into the device buffer
+    dst_pitch: int
+    src_offset: int  # bytes into the host array
+    src_pitch: int
+    width: int  # bytes per row
+    height: int  # rows
+
+
+def plan_slot_copies(batch: int, host_capacity: int, device_capacity: int, offset: int, tokens: int) -> list[SlotCopy]:
+    """The copies that bring slots [offset, offset + tokens) of the host SlotState to the device.
+
+    Only these columns change between calls (SlotState.write writes exactly them), so a decode step
+    copies B x 17 bytes of slot metadata, not B x S x 17. The host arrays have `host_capacity`
+    columns, the device ones `device_capacity` (the engine's S, possibly larger).
+    """
+    if offset < 0 or offset + tokens > host_capacity or host_capacity > device_capacity:
+        raise InputError(f"slots [{offset}, {offset + tokens}) do not fit the host cache of {host_capacity} slots "
+                         f"and the device cache of {device_capacity}")
+    return [SlotCopy(name, offset * item, device_capacity * item, offset * item, host_capacity * item,
+                     tokens * item, batch)
+            for name, item in (("slot_pos", 8), ("slot_region", 8), ("slot_valid", 1))]
+
+
+def split_prefill(region: np.ndarray, regions_per_image: int, max_tokens: int) -> list[int]:
+    """Ends of sub-calls of at most `max_tokens` columns over the call's slot regions [B, T]; never inside an image.
+
+    A cut between two columns is inside an image when, in some sequence, both are visual tokens of the
+    same image (region // regions_per_image); with region-major storage such a cut would hide a key
+    from a query that must see it (docs/RUNTIME.md, decode loop step 4).
+    """
+    length = region.shape[1]
+    image = np.where(region >= 0, region // max(regions_per_image, 1), -1)
+    inside = np.zeros(length + 1, dtype=bool)  # inside[c]: a cut before column c splits an image
+    inside[1:length] = ((image[:, 1:] == image[:, :-1]) & (image[:, 1:] >= 0)).any(0)
+    ends, start = [], 0
+    while start < length:
+        end = min(start + max_tokens, length)
+        while end > start and end < length and inside[end]:
+            end -= 1
+        if end == start:
+            raise BackendError(f"an image's tokens do not fit one call of the decoder engine (at most {max_tokens} "
+                               "tokens): rebuild with `gaze build --max-prefill` of at least the tokens per image")
+        ends.append(end)
+        start = end
+    return ends
+
+
+EAGER, CAPTURE, REPLAY = "eager", "capture", "replay"
+
+
+class GraphPolicy:
+    """When a decode step runs eagerly, is captured in a CUDA graph, or replays the captured graph.
+
+    A call with key K (profile, batch, T, buffer set): replay if the graph was captured for K; else run
+    eagerly, and after the `warmup`-th eager run with the same K capture (TensorRT does one-time work in
+    the first enqueue after a shape change, which must not land in a graph). A different key, new
+    buffers or a profile switch (`invalidate`) drop the graph, so it is re-captured for the new key.
+    """
+
+    def __init__(self, warmup: int = 1) -> None:
+        if warmup < 1:
+            raise ValueError("a CUDA graph needs at least one eager warm-up run before capture")
+        self.warmup = warmup
+        self.captured: Hashable | None = None
+        self._pending: Hashable | None = None
+        self._runs = 0
+
+    def action(self, key: Hashable) -> str:
+        if self.captured is not None and key == self.captured:
+            return REPLAY
+        if key != self._pending:
+            self._pending, self._runs = key, 0
+        self._runs += 1
+        return CAPTURE if self._runs >= self.warmup else EAGER
+
+    def mark_captured(self, key: Hashable) -> None:
+        self.captured, self._pending, self._runs = key, None, 0
+
+    def invalidate(self) -> None:
+        self.captured, self._pending, self._runs = None, None, 0
+
+
+# ================================================================== CUDA runtime access (thin)
+
+
+class CudaRuntime(Protocol):
+    """The CUDA runtime calls this backend makes; handles and pointers are plain ints."""
+
+    source: str
+
+    def device_count(self) -> int: ...
+    def malloc(self, nbytes: int) -> int: ...
+    def free(self, ptr: int) -> None: ...
+    def memset_async(self, ptr: int, value: int, nbytes: int, stream: int) -> None: ...
+    def memcpy_htod_async(self, dst: int, src: int, nbytes: int, stream: int) -> None: ...
+    def memcpy_dtoh_async(self, dst: int, src: int, nbytes: int, stream: int) -> None: ...
+    def memcpy2d_htod_async(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,
+                            stream: int) -> None: ...
+    def stream_create(self) -> int: ...
+    def stream_synchronize(self, stream: int) -> None: ...
+    def stream_destroy(self, stream: int) -> None: ...
+    def begin_capture(self, stream: int) -> None: ...
+    def end_capture(self, stream: int) -> int: ...
+    def graph_instantiate(self, graph: int) -> int: ...
+    def graph_destroy(self, graph: int) -> None: ...
+    def graph_launch(self, graph_exec: int, stream: int) -> None: ...
+    def graph_exec_destroy(self, graph_exec: int) -> None: ...
+
+
+_H2D, _D2H = 1, 2  # cudaMemcpyKind
+_STREAM_NON_BLOCKING = 1
+_CAPTURE_GLOBAL = 0  # cudaStreamCaptureModeGlobal
+
+
+class CudaPythonRuntime:
+    """cuda-python (`cuda.bindings.runtime`, or the older `cuda.cudart`): every call returns (err, *values)."""
+
+    def __init__(self, module: Any) -> None:
+        self.rt = module
+        self.source = f"cuda-python ({getattr(module, '__name__', '?')})"
+        self._h2d = module.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._d2h = module.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._global = module.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+
+    def _call(self, name: str, *args: Any) -> tuple[Any, ...]:
+        result = getattr(self.rt, name)(*args)
+        err, rest = (result[0], tuple(result[1:])) if isinstance(result, tuple) else (result, ())
+        code = int(getattr(err, "value", err) or 0)
+        if code != 0:
+            raise TensorRTRuntimeError(f"CUDA {name} failed: {err!r} (code {code})")
+        return rest
+
+    def device_count(self) -> int:
+        return int(self._call("cudaGetDeviceCount")[0])
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._call("cudaMalloc", nbytes)[0])
+
+    def free(self, ptr: int) -> None:
+        self._call("cudaFree", ptr)
+
+    def memset_async(self, ptr: int, value: int, nbytes: int, stream: int) -> None:
+        self._call("cudaMemsetAsync", ptr, value, nbytes, stream)
+
+    def memcpy_htod_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._call("cudaMemcpyAsync", dst, src, nbytes, self._h2d, stream)
+
+    def memcpy_dtoh_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._call("cudaMemcpyAsync", dst, src, nbytes, self._d2h, stream)
+
+    def memcpy2d_htod_async(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,
+                            stream: int) -> None:
+        self._call("cudaMemcpy2DAsync", dst, dpitch, src, spitch, width, height, self._h2d, stream)
+
+    def stream_create(self) -> int:
+        return int(self._call("cudaStreamCreateWithFlags", _STREAM_NON_BLOCKING)[0])
+
+    def stream_synchronize(self, stream: int) -> None:
+        self._call("cudaStreamSynchronize", stream)
+
+    def stream_destroy(self, stream: int) -> None:
+        self._call("cudaStreamDestroy", stream)
+
+    def begin_capture(self, stream: int) -> None:
+        self._call("cudaStreamBeginCapture", stream, self._global)
+
+    def end_capture(self, stream: int) -> int:
+        return int(self._call("cudaStreamEndCapture", stream)[0])
+
+    def graph_instantiate(self, graph: int) -> int:
+        return int(self._call("cudaGraphInstantiateWithFlags", graph, 0)[0])
+
+    def graph_destroy(self, graph: int) -> None:
+        self._call("cudaGraphDestroy", graph)
+
+    def graph_launch(self, graph_exec: int, stream: int) -> None:
+        self._call("cudaGraphLaunch", graph_exec, stream)
+
+    def graph_exec_destroy(self, graph_exec: int) -> None:
+        self._call("cudaGraphExecDestroy", graph_exec)
+
+
+class CtypesCudaRuntime:
+    """libcudart through ctypes (CUDA >= 11.4 names; cudaGraphInstantiateWithFlags is stable across 11.4 .. 13)."""
+
+    _SIGNATURES: dict[str, list[Any]] = {
+        "cudaGetDeviceCount": [ctypes.POINTER(ctypes.c_int)],
+        "cudaMalloc": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t],
+        "cudaFree": [ctypes.c_void_p],
+        "cudaMemsetAsync": [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p],
+        "cudaMemcpyAsync": [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p],
+        "cudaMemcpy2DAsync": [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                              ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p],
+        "cudaStreamCreateWithFlags": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint],
+        "cudaStreamSynchronize": [ctypes.c_void_p],
+        "cudaStreamDestroy": [ctypes.c_void_p],
+        "cudaStreamBeginCapture": [ctypes.c_void_p, ctypes.c_int],
+        "cudaStreamEndCapture": [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)],
+        "cudaGraphInstantiateWithFlags": [ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_ulonglong],
+        "cudaGraphDestroy": [ctypes.c_void_p],
+        "cudaGraphLaunch": [ctypes.c_void_p, ctypes.c_void_p],
+        "cudaGraphExecDestroy": [ctypes.c_void_p],
+    }
+
+    def __init__(self, lib: ctypes.CDLL, path: str) -> None:
+        self.lib = lib
+        self.source = f"ctypes ({path})"
+        for name, argtypes in self._SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        lib.cudaGetErrorString.argtypes, lib.cudaGetErrorString.restype = [ctypes.c_int], ctypes.c_char_p
+
+    def _check(self, name: str, *args: Any) -> None:
+        code = getattr(self.lib, name)(*args)
+        if code != 0:
+            text = self.lib.cudaGetErrorString(code) or b"?"
+            raise TensorRTRuntimeError(f"CUDA {name} failed: {text.decode(errors='replace')} (code {code})")
+
+    def _out(self, name: str, *args: Any) -> int:
+        handle = ctypes.c_void_p()
+        self._check(name, ctypes.byref(handle), *args)
+        return int(handle.value or 0)
+
+    def device_count(self) -> int:
+        count = ctypes.c_int()
+        self._check("cudaGetDeviceCount", ctypes.byref(count))
+        return count.value
+
+    def malloc(self, nbytes: int) -> int:
+        return self._out("cudaMalloc", nbytes)
+
+    def free(self, ptr: int) -> None:
+        self._check("cudaFree", ptr)
+
+    def memset_async(self, ptr: int, value: int, nbytes: int, stream: int) -> None:
+        self._check("cudaMemsetAsync", ptr, value, nbytes, stream)
+
+    def memcpy_htod_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._check("cudaMemcpyAsync", dst, src, nbytes, _H2D, stream)
+
+    def memcpy_dtoh_async(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        self._check("cudaMemcpyAsync", dst, src, nbytes, _D2H, stream)
+
+    def memcpy2d_htod_async(self, dst: int, dpitch: int, src: int, spitch: int, width: int, height: int,
+                            stream: int) -> None:
+        self._check("cudaMemcpy2DAsync", dst, dpitch, src, spitch, width, height, _H2D, stream)
+
+    def stream_create(self) -> int:
+        return self._out("cudaStreamCreateWithFlags", _STREAM_NON_BLOCKING)
+
+    def stream_synchronize(self, stream: int) -> None:
+        self._check("cudaStreamSynchronize", stream)
+
+    def stream_destroy(self, stream: int) -> None:
+        self._check("cudaStreamDestroy", stream)
+
+    def begin_capture(self, stream: int) -> None:
+        self._check("cudaStreamBeginCapture", stream, _CAPTURE_GLOBAL)
+
+    def end_capture(self, stream: int) -> int:
+        graph = ctypes.c_void_p()
+        self._check("cudaStreamEndCapture", stream, ctypes.byref(graph))
+        return int(graph.value or 0)
+
+    def graph_instantiate(self, graph: int) -> int:
+        return self._out("cudaGraphInstantiateWithFlags", graph, 0)
+
+    def graph_destroy(self, graph: int) -> None:
+        self._check("cudaGraphDestroy", graph)
+
+    def graph_launch(self, graph_exec: int, stream: int) -> None:
+        self._check("cudaGraphLaunch", graph_exec, stream)
+
+    def graph_exec_destroy(self, graph_exec: int) -> None:
+        self._check("cudaGraphExecDestroy", graph_exec)
+
+
+CUDART_NAMES = ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "/usr/local/cuda/lib64/libcudart.so")
+
+
+def load_cudart() -> CudaRuntime:
+    """cuda-python's runtime if importable, else libcudart through ctypes; TensorRTUnavailableError if neither."""
+    for name in ("cuda.bindings.runtime", "cuda.cudart"):
+        try:
+            return CudaPythonRuntime(importlib.import_module(name))
+        except ImportError:
+            continue
+        except Exception as exc:  # a broken install: say so rather than fall through silently
+            raise TensorRTUnavailableError(f"the TensorRT backend is not available here: {name} cannot be used "
+                                           f"({exc!r}). {_HINT}") from exc
+    found = ctypes.util.find_library("cudart")
+    errors = []
+    for path in ([found] if found else []) + list(CUDART_NAMES):
+        try:
+            return CtypesCudaRuntime(ctypes.CDLL(path), path)
+        except (OSError, AttributeError) as exc:
+            errors.append(f"{path}: {exc}")
+    raise TensorRTUnavailableError("the TensorRT backend is not available here: no CUDA runtime (neither cuda-python "
+                                   f"nor libcudart could be loaded: {'; '.join(errors[-2:])}). {_HINT}")
+
+
+def require_gpu(cuda: CudaRuntime) -> int:
+    """The number of CUDA devices, or TensorRTUnavailableError when there is none (or no driver)."""
+    try:
+        count = cuda.device_count()
+    except TensorRTRuntimeError as exc:
+        raise TensorRTUnavailableError(f"the TensorRT backend is not available here: no usable CUDA GPU ({exc}). "
+                                       f"{_HINT}") from exc
+    if count < 1:
+        raise TensorRTUnavailableError(f"the TensorRT backend is not available here: no CUDA GPU. {_HINT}")
+    return count
+
+
+# ================================================================== the glue
+
+
+class _DeviceBuffers:
+    """Device buffers by name (allocated once, freed together)."""
+
+    def __init__(self, cuda: CudaRuntime, specs: dict[str, BufferSpec]) -> None:
+        self.cuda, self.specs = cuda, specs
+        self.ptr: dict[str, int] = {}
+        try:
+            for name, spec in specs.items():
+                self.ptr[name] = cuda.malloc(max(spec.nbytes, 1))
+        except BaseException:
+            self.free()
+            raise
+
+    def free(self) -> None:
+        for ptr in self.ptr.values():
+            self.cuda.free(ptr)
+        self.ptr = {}
+
+
+def _ptr(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+class TrtBackend(Backend):
+    """decoder.engine (prefill + decode profiles) and vision.engine with the GazeAttention plugin.
+
+    Exercised only against test doubles here (see the module docstring).
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, folder: ExportFolder, engine_dir: str | Path | None = None, cuda_graphs: bool = True,
+                 warmup_steps: int = 1) -> None:
+        super().__init__(folder)
+        self.engine_dir = Path(engine_dir) if engine_dir is not None else folder.path / ENGINES_DIR
+        # 1. Refuse before loading or allocating anything.
+        trt = import_tensorrt_runtime()
+        self.trt = trt
+        self.cuda = load_cudart()
+        require_gpu(self.cuda)
+        arch, _ = engine_manifest.gpu_arch()
+        manifest = engine_manifest.read_manifest(self.engine_dir)
+        plugin = self.engine_dir / Path(str(manifest["plugin"].get("file", ""))).name  # inside the engines folder
+        self.manifest = engine_manifest.check_manifest(self.engine_dir, trt.__version__, arch, plugin)
+        # 2. Plugin from its explicit path, then the engines.
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self._load_plugin(plugin)
+        self._runtime = trt.Runtime(self.logger)
+        self.decoder_engine = self._deserialize(DECODER_ENGINE)
+        self.vision_engine = self._deserialize(VISION_ENGINE)
+        s = folder.shape
+        self.query_outputs = folder.has_gaze_queries
+        self.profiles = self._decoder_profiles()
+        self._check_io()
+        self.context = self.decoder_engine.create_execution_context()
+        self.vision_context = self.vision_engine.create_execution_context()
+        if self.context is None or self.vision_context is None:
+            raise TensorRTRuntimeError("TensorRT could not create an execution context (out of GPU memory?)")
+        self.stream = self.cuda.stream_create()
+        self.cuda_graphs = cuda_graphs
+        self.graph = GraphPolicy(warmup_steps)
+        self._graph_exec: int | None = None
+        self._buffers: _DeviceBuffers | None = None
+        self._vision_buffers: _DeviceBuffers | None = None
+        self._generation = 0
+        self._profile: int | None = None
+        self._bound: tuple[int, int, int, int] | None = None
+        self._host_logits: dict[tuple[int, int], np.ndarray] = {}
+        self._last_tokens = 0
+        self.slots: SlotState | None = None
+        self.cache_len = 0
+        self.max_tokens = 0
+        self.dtype = np.dtype(s.dtype)
+
+    # ------------------------------------------------------------------ loading
+
+    def _load_plugin(self, plugin: Path) -> None:
+        registry = self.trt.get_plugin_registry()
+        try:
+            registry.load_library(str(plugin.resolve()))
+        except Exception as exc:
+            raise TensorRTRuntimeError(f"TensorRT cannot load the plugin library {plugin}: {exc}") from exc
+        get = registry.get_creator if hasattr(registry, "get_creator") else registry.get_plugin_creator
+        if get(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) is None:
+            raise TensorRTRuntimeError(f"{plugin} loaded but registers no {PLUGIN_NAMESPACE}::{PLUGIN_NAME} version "
+                                       f"{PLUGIN_VERSION}; rebuild the engines with `gaze build --force`")
+
+    def _deserialize(self, name: str) -> Any:
+        entry = self.manifest["engines"].get(name)
+        if not isinstance(entry, dict) or "file" not in entry:
+            raise TensorRTRuntimeError(f"{self.engine_dir}/{engine_manifest.MANIFEST} lists no {name} engine; "
+                                       "rebuild with `gaze build --force`")
+        path = self.engine_dir / Path(str(entry["file"])).name
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise TensorRTRuntimeError(f"TensorRT could not deserialize {path} (see the TensorRT log); rebuild with "
+                                       "`gaze build --force` on this machine")
+        return engine
+
+    def _decoder_profiles(self) -> list[ProfileRange]:
+        e = self.decoder_engine
+        count = int(e.num_optimization_profiles)
+        if count < 1:
+            raise TensorRTRuntimeError("decoder.engine has no optimization profile; rebuild with `gaze build`")
+        return [profile_range(p, e.get_tensor_profile_shape("inputs_embeds", p),
+                              e.get_tensor_profile_shape("past_key_values.0.key", p)) for p in range(count)]
+
+    def _engine_io(self, engine: Any) -> dict[str, tuple[bool, np.dtype[Any]]]:
+        out = {}
+        for i in range(int(engine.num_io_tensors)):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT
+            out[name] = (is_input, np.dtype(self.trt.nptype(engine.get_tensor_dtype(name))))
+        return out
+
+    def _check_io(self) -> None:
+        s = self.folder.shape
+        plan = plan_decoder_bindings(s, 1, 1, 1, self.query_outputs)
+        problems = check_engine_io(plan, self._engine_io(self.decoder_engine))
+        vision = [Binding("pixel_values", "pixels", (1,), self.dtype_of(s), True),
+                  Binding("image_embeds", "embeds", (1,), self.dtype_of(s), False)]
+        problems += [f"vision: {p}" for p in check_engine_io(vision, self._engine_io(self.vision_engine))]
+        if problems:
+            raise TensorRTRuntimeError(f"the engines in {self.engine_dir} do not match {self.folder.path}/"
+                                       f"gaze_config.json ({'; '.join(problems[:4])}); rebuild with `gaze build "
+                                       "--force`")
+
+    @staticmethod
+    def dtype_of(shape: ModelShape) -> np.dtype[Any]:
+        return np.dtype(shape.dtype)
+
+    # ------------------------------------------------------------------ vision
+
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        s = self.folder.shape
+        lo, _, hi = self.vision_engine.get_tensor_profile_shape("pixel_values", 0)
+        max_n = int(hi[0])
+        if self._vision_buffers is None:
+            self._vision_buffers = _DeviceBuffers(self.cuda, {
+                "pixel_values": BufferSpec("pixel_values", (max_n, 3, s.image_size, s.image_size), self.dtype),
+                "image_embeds": BufferSpec("image_embeds", (max_n, s.tokens_per_image, s.hidden_size), self.dtype)})
+        pixels = np.ascontiguousarray(pixel_values, dtype=self.dtype)
+        out = np.empty((pixels.shape[0], s.tokens_per_image, s.hidden_size), dtype=self.dtype)
+        ptr, ctx = self._vision_buffers.ptr, self.vision_context
+        start = time.perf_counter()
+        for first in range(0, pixels.shape[0], max_n):
+            part = pixels[first:first + max_n]
+            n = part.shape[0]
+            self.cuda.memcpy_htod_async(ptr["pixel_values"], _ptr(part), part.nbytes, self.stream)
+            self._expect(ctx.set_input_shape("pixel_values", tuple(part.shape)), "set_input_shape(pixel_values)")
+            self._expect(ctx.set_tensor_address("pixel_values", ptr["pixel_values"]), "set_tensor_address")
+            self._expect(ctx.set_tensor_address("image_embeds", ptr["image_embeds"]), "set_tensor_address")
+            self._expect(ctx.execute_async_v3(self.stream), "vision execute_async_v3")
+            view = out[first:first + n]
+            self.cuda.memcpy_dtoh_async(_ptr(view), ptr["image_embeds"], view.nbytes, self.stream)
+            self.cuda.stream_synchronize(self.stream)
+        self.session_seconds += time.perf_counter() - start
+        return out
+
+    # ------------------------------------------------------------------ cache
+
+    def allocate(self, spec: CacheSpec, slots: SlotState) -> None:
+        s = self.folder.shape
+        max_tokens = max_call_tokens(self.profiles, spec.batch)  # refuses a batch the engine cannot serve
+        cache_len = cache_length(self.profiles, slots.capacity)
+        specs = plan_decoder_buffers(s, spec.batch, cache_len, min(max_tokens, cache_len), self.query_outputs)
+        if self._buffers is None or self._buffers.specs != specs:
+            self._release_graph()
+            if self._buffers is not None:
+                self._buffers.free()
+                self._buffers = None
+            self._buffers = _DeviceBuffers(self.cuda, specs)
+            self._generation += 1
+            self._bound = None
+        ptr = self._buffers.ptr
+        for name, buf in specs.items():  # zero everything; slot_region -1 (0xff bytes) beyond the written slots
+            self.cuda.memset_async(ptr[name], 0xFF if name == "slot_region" else 0, buf.nbytes, self.stream)
+        self.spec, self.slots, self.cache_len, self.max_tokens = spec, slots, cache_len, min(max_tokens, cache_len)
+        self._copy_slots(0, slots.capacity)
+        self.cuda.stream_synchronize(self.stream)
+
+    def _copy_slots(self, offset: int, tokens: int) -> None:
+        assert self.slots is not None and self._buffers is not None
+        host = {"slot_pos": self.slots.pos, "slot_region": self.slots.region, "slot_valid": self.slots.valid}
+        for c in plan_slot_copies(self.slots.pos.shape[0], self.slots.capacity, self.cache_len, offset, tokens):
+            src = host[c.buffer]
+            self.cuda.memcpy2d_htod_async(self._buffers.ptr[c.buffer] + c.dst_offset, c.dst_pitch,
+                                          _ptr(src) + c.src_offset, c.src_pitch, c.width, c.height, self.stream)
+
+    # ------------------------------------------------------------------ decoder calls
+
+    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int) -> np.ndarray:
+        if self.spec is None or self.slots is None or self._buffers is None:
+            raise InputError("allocate() the cache before calling decode()")
+        batch, tokens = embeds.shape[:2]
+        if batch != self.spec.batch:
+            raise InputError(f"a call of batch {batch} on a cache allocated for batch {self.spec.batch}")
+        if tokens <= self.max_tokens:
+            return self._run(embeds, gaze, write_offset)
+        region = self.slots.region[:, write_offset:write_offset + tokens]
+        parts, begin = [], 0
+        for end in split_prefill(region, self.folder.shape.regions_per_image, self.max_tokens):
+            parts.append(np.array(self._run(embeds[:, begin:end], gaze[:, begin:end], write_offset + begin)))
+            begin = end
+        return np.concatenate(parts, 1)
+
+    def _run(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int) -> np.ndarray:
+        assert self._buffers is not None
+        s, cuda, ctx, ptr, stream = self.folder.shape, self.cuda, self.context, self._buffers.ptr, self.stream
+        batch, tokens = embeds.shape[:2]
+        profile = choose_profile(self.profiles, batch, tokens)
+        start = time.perf_counter()
+        # Inputs of this call (outside any graph): slot columns, write_offset, embeddings, gaze flags.
+        self._copy_slots(write_offset, tokens)
+        self._offset = np.array([write_offset], dtype=np.int64)
+        self._embeds = np.ascontiguousarray(embeds, dtype=self.dtype)
+        self._gaze = np.ascontiguousarray(gaze, dtype=np.bool_)
+        cuda.memcpy_htod_async(ptr["write_offset"], _ptr(self._offset), 8, stream)
+        cuda.memcpy_htod_async(ptr["inputs_embeds"], _ptr(self._embeds), self._embeds.nbytes, stream)
+        cuda.memcpy_htod_async(ptr["gaze"], _ptr(self._gaze), self._gaze.nbytes, stream)
+        if profile != self._profile:
+            self._expect(ctx.set_optimization_profile_async(profile, stream),
+                         f"set_optimization_profile_async({profile})")
+            self._profile, self._bound = profile, None
+            self._release_graph()  # conservative: a graph captured before a profile switch is not replayed after it
+        key = (profile, batch, tokens, self._generation)
+        if self._bound != key:
+            for b in plan_decoder_bindings(s, batch, self.cache_len, tokens, self.query_outputs):
+                if b.is_input:
+                    self._expect(ctx.set_input_shape(b.tensor, b.shape), f"set_input_shape({b.tensor}, {b.shape})")
+                self._expect(ctx.set_tensor_address(b.tensor, ptr[b.buffer]), f"set_tensor_address({b.tensor})")
+            self._bound = key
+        action = self.graph.action(key) if self.cuda_graphs and tokens == 1 else EAGER
+        if action == REPLAY:
+            assert self._graph_exec is not None
+            cuda.graph_launch(self._graph_exec, stream)
+        else:
+            self._expect(ctx.execute_async_v3(stream), "execute_async_v3")
+        logits = self._host_logits.get((batch, tokens))
+        if logits is None:
+            logits = self._host_logits[(batch, tokens)] = np.empty((batch, tokens, s.vocab_size), dtype=self.dtype)
+        cuda.memcpy_dtoh_async(_ptr(logits), ptr["logits"], logits.nbytes, stream)
+        cuda.stream_synchronize(stream)
+        if action == CAPTURE:
+            self._capture(key)
+        self.session_seconds += time.perf_counter() - start
+        self._last_tokens = tokens
+        return logits
+
+    def _capture(self, key: Hashable) -> None:
+        """Record this (already warmed-up) decode step in a CUDA graph; it is launched from the next step on."""
+        self._release_graph()
+        cuda, stream = self.cuda, self.stream
+        cuda.begin_capture(stream)
+        try:
+            ok = self.context.execute_async_v3(stream)
+        finally:
+            graph = cuda.end_capture(stream)  # always end the capture, also when the enqueue failed
+        try:
+            self._expect(ok, "execute_async_v3 under CUDA graph capture")
+            self._graph_exec = cuda.graph_instantiate(graph)
+        finally:
+            cuda.graph_destroy(graph)
+        self.graph.mark_captured(key)
+
+    def _release_graph(self) -> None:
+        if self._graph_exec is not None:
+            self.cuda.graph_exec_destroy(self._graph_exec)
+            self._graph_exec = None
+        self.graph.invalidate()
+
+    @staticmethod
+    def _expect(ok: Any, what: str) -> None:
+        if ok is False or ok is None:
+            raise TensorRTRuntimeError(f"TensorRT {what} failed (see the TensorRT log above)")
+
+    # ------------------------------------------------------------------ host views
+
+    def descriptor_sums(self, layer: int) -> np.ndarray:
+        assert self._buffers is not None
+        name = kv_buffer(layer, "desc")
+        out = np.empty(self._buffers.specs[name].shape, dtype=np.float32)
+        self.cuda.memcpy_dtoh_async(_ptr(out), self._buffers.ptr[name], out.nbytes, self.stream)
+        self.cuda.stream_synchronize(self.stream)
+        return out
+
+    def gaze_queries(self) -> list[np.ndarray] | None:
+        if not self.query_outputs or self._buffers is None or not self._last_tokens:
+            return None
+        s, out = self.folder.shape, []
+        for i in range(s.num_layers):
+            q = np.empty((self.spec.batch if self.spec else 1, s.num_heads, self._last_tokens, s.head_dim),
+                         dtype=self.dtype)
+            self.cuda.memcpy_dtoh_async(_ptr(q), self._buffers.ptr[f"gaze_query.{i}"], q.nbytes, self.stream)
+            out.append(q)
+        self.cuda.stream_synchronize(self.stream)
+        return out
+
+    def memory(self) -> dict[str, int]:
+        out = {"weights": sum((self.engine_dir / Path(str(e["file"])).name).stat().st_size
+                              for e in self.manifest["engines"].values())}
+        activations = getattr(self.decoder_engine, "device_memory_size", None)
+        if isinstance(activations, int):
+            out["activations"] = activations
+        if self._buffers is not None:
+            specs = self._buffers.specs.values()
+            out["kv_cache"] = sum(b.nbytes for b in specs if b.name.startswith("kv.") and not b.name.endswith("desc"))
+            out["descriptors"] = sum(b.nbytes for b in specs if b.name.endswith(".desc"))
+            out["slot_metadata"] = sum(b.nbytes for b in specs if b.name.startswith("slot_"))
+            out["io_buffers"] = sum(b.nbytes for b in specs) - out["kv_cache"] - out["descriptors"] \
+                - out["slot_metadata"]
+        return out
+
+    def close(self) -> None:
+        """Free the CUDA graph, device buffers and stream (the engines go with the object)."""
+        self._release_graph()
+        for bufs in (self._buffers, self._vision_buffers):
+            if bufs is not None:
+                bufs.free()
+        self._buffers = self._vision_buffers = None
+        if self.stream:
+            self.cuda.stream_destroy(self.stream)
+            self.stream = 0
