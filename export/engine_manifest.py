@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gaze_edge.errors import GazeError
+from gaze_edge.jsonfile import read_json_object
 
 MANIFEST = "engine_manifest.json"
 FORMAT = "gaze-edge-engines"
@@ -108,11 +109,8 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise EngineManifestError(f"{folder} has no {MANIFEST}: build engines with `gaze build EXPORT_FOLDER`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EngineManifestError(f"{path} is not valid JSON ({exc}); rebuild with `gaze build`") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_object(path, EngineManifestError, "rebuild with `gaze build`")
+    if manifest.get("format") != FORMAT:
         raise EngineManifestError(f"{path} is not a {FORMAT} manifest; rebuild with `gaze build`")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise EngineManifestError(f"{path} has format_version {manifest.get('format_version')!r}, this gaze-edge "

@@ -22,6 +22,7 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gaze_edge.errors import CheckpointError
+from gaze_edge.jsonfile import read_json_object
 
 from . import scenes
 
@@ -207,14 +208,7 @@ class GazeProcessor:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from the original checkpoint") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
+    return read_json_object(path, CheckpointError, "restore it from the original checkpoint")
 
 def default_processor(image_size: int, tokens_per_image: int, num_context_tokens: int = 2) -> GazeProcessor:
     """The processor of the built-in scene captioner."""

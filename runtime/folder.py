@@ -8,7 +8,6 @@ ExportFolderError saying which file or field is wrong and what to do.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from gaze_edge.errors import CheckpointError, GazeError
+from gaze_edge.jsonfile import read_json_object
 from gaze_edge.model.processing import GazeProcessor
 from gaze_edge.reference import region_index_map
 
@@ -108,11 +108,8 @@ class ExportFolder:
         if not config_file.is_file():
             raise ExportFolderError(f"{path} has no gaze_config.json: it is not an export folder "
                                     f"(a checkpoint? run `gaze export {path} -o OUT` first)")
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ExportFolderError(f"{config_file} is not valid JSON ({exc}); re-run `gaze export`") from exc
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
+        config = read_json_object(config_file, ExportFolderError, "re-run `gaze export`")
+        if config.get("format") != FORMAT:
             raise ExportFolderError(f"{config_file} is not a {FORMAT} runtime config; re-run `gaze export`")
         if config.get("format_version") != FORMAT_VERSION:
             raise ExportFolderError(f"{config_file} has format_version {config.get('format_version')!r}; this "
