@@ -8,6 +8,7 @@ Inputs, outputs and layouts: docs/ONNX_CONTRACT.md.
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from gaze_edge.model.gaze_op import KeyLayout, gaze_attention
 from gaze_edge.model.modeling import GazeForConditionalGeneration, rotary
 
 from . import gaze_function as gf
+from .node import TOP_K_METADATA
 
 # The exporter logs one warning per torchvision op it cannot register; we use none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -278,7 +280,9 @@ def export_decoder(
     )
     functions = [] if trt_compat else [gf.build_function(opset)]
     decoder_parts = nn.ModuleList([model.layers, model.norm, model.lm_head])
-    _save(program, path, opset, _wants_external(decoder_parts, external_data), functions)
+    top_k = [model.config.layer_top_k(i) for i in range(model.config.num_hidden_layers)]
+    _save(program, path, opset, _wants_external(decoder_parts, external_data), functions,
+          {TOP_K_METADATA: json.dumps(top_k)})
 
 
 def export_vision(model: GazeForConditionalGeneration, path: Path, *, opset: int,
@@ -328,8 +332,9 @@ def _wants_external(module: nn.Module, forced: bool | None) -> bool:
     return size > PROTOBUF_LIMIT
 
 
-def _save(program: Any, path: Path, opset: int, external: bool, functions: list[onnx.FunctionProto]) -> None:
-    """Save, then pin the IR version and attach functions without touching the external weights."""
+def _save(program: Any, path: Path, opset: int, external: bool, functions: list[onnx.FunctionProto],
+          metadata: dict[str, str] | None = None) -> None:
+    """Save, then pin the IR version, attach functions and metadata without touching the external weights."""
     program.save(str(path), external_data=external)
     proto = onnx.load(str(path), load_external_data=False)
     got = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
@@ -338,6 +343,7 @@ def _save(program: Any, path: Path, opset: int, external: bool, functions: list[
     proto.ir_version = min(proto.ir_version, gf.IR_VERSION)
     del proto.functions[:]
     proto.functions.extend(functions)
+    onnx.helper.set_model_props(proto, metadata or {})
     onnx.save(proto, str(path))
 
 

@@ -84,10 +84,7 @@ def gaze_attention(
     aux = None
     mask = causal[:, None, None]
     if keys.num_regions > 0 and bool(gaze.any()):
-        desc, onehot, count, last = region_statistics(k, keys)
-        eligible = (count > 0)[:, None, :] & (last[:, None, :] < q_pos[:, :, None])  # [B, Tq, R]
-        scores = torch.einsum("bhgtd,bhrd->bhgtr", qg.float(), desc).amax(2)  # [B, Hkv, Tq, R]
-        eligible = (eligible[:, None] & gaze[:, None, :, None]).expand_as(scores)
+        scores, eligible, onehot = _selection_scores(qg, k, keys, q_pos, gaze)
         selected = select_regions(scores, eligible, top_k)
         region_of_key = keys.region.clamp(min=0)[:, None, None, :].expand(batch, kv_heads, q_len, k_len)
         key_selected = torch.gather(selected, -1, region_of_key) & (keys.region >= 0)[:, None, None, :]
@@ -100,6 +97,55 @@ def gaze_attention(
     probs = torch.nan_to_num(probs, nan=0.0)  # queries with no visible key (padding)
     out = torch.matmul(probs.to(v.dtype), v[:, :, None]).reshape(batch, q_heads, q_len, dim)
     return GazeAttentionOutput(out=out, selected=selected, aux_loss=aux)
+
+
+def _selection_scores(
+    qg: torch.Tensor, k: torch.Tensor, keys: KeyLayout, q_pos: torch.Tensor, gaze: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Selection scores and eligibility [B, Hkv, Tq, R] (max over the group) and region membership [B, R, Tk]."""
+    desc, onehot, count, last = region_statistics(k, keys)
+    eligible = (count > 0)[:, None, :] & (last[:, None, :] < q_pos[:, :, None])  # [B, Tq, R]
+    scores = torch.einsum("bhgtd,bhrd->bhgtr", qg.float(), desc).amax(2)  # [B, Hkv, Tq, R]
+    eligible = (eligible[:, None] & gaze[:, None, :, None]).expand_as(scores)
+    return scores, eligible, onehot
+
+
+@dataclass
+class RegionCoverage:
+    """How much dense attention mass the gaze selection keeps, for every budget k = 1..R at once.
+
+    ``visual[b, h, t, j]``: of the dense attention mass that query t (averaged over the query
+    heads of KV head h) puts on eligible visual regions, the share held by the j+1 regions the
+    selection rule ranks first (descriptor scores, ties to the lower index). ``kept``: the
+    same budget's share of *all* attention mass (dense tokens always kept). ``rows`` [B, Hkv, Tq]
+    marks gaze queries with at least one eligible region; other rows are meaningless.
+    """
+
+    visual: torch.Tensor
+    kept: torch.Tensor
+    rows: torch.Tensor
+
+
+def region_coverage(
+    q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, gaze: torch.Tensor, keys: KeyLayout
+) -> RegionCoverage:
+    """Coverage curves of the gaze queries in a call (q [B, Hq, Tq, D], k [B, Hkv, Tk, D], rotary applied)."""
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(batch, kv_heads, q_heads // kv_heads, q_len, dim)
+    scores, eligible, onehot = _selection_scores(qg, k, keys, q_pos, gaze)
+    causal = keys.valid[:, None, :] & (keys.pos[:, None, :] <= q_pos[:, :, None])
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least; fp64 inputs stay fp64 (tests)
+    logits = torch.matmul(qg.to(acc), k[:, :, None].to(acc).transpose(-1, -2)) * dim**-0.5
+    dense = torch.nan_to_num(torch.softmax(logits.masked_fill(~causal[:, None, None], float("-inf")), -1), nan=0.0)
+    mass = torch.einsum("bhgqt,brt->bhqr", dense, onehot.to(acc)) / qg.shape[2]  # mean over the group
+    mass = mass * eligible
+    order = torch.sort(scores.masked_fill(~eligible, float("-inf")), dim=-1, descending=True, stable=True).indices
+    captured = torch.gather(mass, -1, order).cumsum(-1)  # mass of the top-1, top-2, ... regions
+    visual_total = mass.sum(-1, keepdim=True)
+    visual = torch.where(visual_total > 0, captured / visual_total.clamp(min=1e-30), torch.ones_like(captured))
+    kept = (1.0 - visual_total) + captured
+    return RegionCoverage(visual=visual, kept=kept, rows=eligible.any(-1))
 
 
 def _selection_aux_loss(

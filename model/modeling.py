@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from gaze_edge.reference import region_index_map
 
 from .configuration import GazeConfig
-from .gaze_op import KeyLayout, gaze_attention
+from .gaze_op import KeyLayout, RegionCoverage, gaze_attention, region_coverage
 
 # ----------------------------------------------------------------------------- vision
 
@@ -121,6 +121,8 @@ class GazeSelfAttention(nn.Module):
             k, v = cache.append(self.layer, k, v)
         top_k = step.top_k if step.top_k is not None else self.config.layer_top_k(self.layer)
         result = gaze_attention(q, k, v, step.q_pos, step.gaze, step.keys, top_k, step.want_aux)
+        if step.coverage is not None:
+            step.coverage.append(region_coverage(q, k, step.q_pos, step.gaze, step.keys))
         step.selections.append(result.selected)
         if result.aux_loss is not None:
             step.aux_losses.append(result.aux_loss)
@@ -157,6 +159,7 @@ class DecodeStep:
     want_aux: bool = False
     selections: list[torch.Tensor | None] = field(default_factory=list)
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    coverage: list[RegionCoverage] | None = None  # per layer, when the caller asks (gaze calibrate)
 
 
 class GazeCache:
@@ -233,6 +236,7 @@ class GazeOutput:
     aux_loss: torch.Tensor | None = None
     past_key_values: GazeCache | None = None
     selections: list[torch.Tensor | None] | None = None  # per layer [B, Hkv, T, R]
+    coverage: list[RegionCoverage] | None = None  # per layer, with forward(coverage=True)
 
 
 @dataclass
@@ -304,10 +308,13 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
         use_cache: bool = False,
         gaze_top_k: int | None = None,
         aux_loss: bool = False,
+        coverage: bool = False,
     ) -> GazeOutput:
         """One call over new tokens. ``gaze_mask`` [B, T] flags gaze queries (generated tokens).
 
         ``gaze_top_k`` overrides the configured top_k (training curriculum, dense twin).
+        ``coverage`` also returns, per layer, how much dense attention mass each budget k keeps
+        (model/gaze_op.py RegionCoverage; `gaze calibrate` runs it with ``gaze_top_k`` = R).
         """
         batch, length = input_ids.shape
         device = input_ids.device
@@ -332,7 +339,8 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
             keys = KeyLayout(cache.pos, cache.region, cache.valid, self.layout.num_regions(seen_after))
         else:
             keys = KeyLayout(pos, region, valid, self.layout.num_regions(seen_after))
-        step = DecodeStep(q_pos=pos, gaze=gaze_mask & valid, keys=keys, top_k=gaze_top_k, want_aux=aux_loss)
+        step = DecodeStep(q_pos=pos, gaze=gaze_mask & valid, keys=keys, top_k=gaze_top_k, want_aux=aux_loss,
+                          coverage=[] if coverage else None)
 
         x = inputs_embeds
         for layer in self.layers:
@@ -346,7 +354,8 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
             )
         aux = torch.stack(step.aux_losses).mean() if step.aux_losses else None
         return GazeOutput(
-            logits=logits, loss=loss, aux_loss=aux, past_key_values=cache, selections=step.selections
+            logits=logits, loss=loss, aux_loss=aux, past_key_values=cache, selections=step.selections,
+            coverage=step.coverage,
         )
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ whole cache once per layer per step; only a plugin (TensorRT) writes the T new s
 from __future__ import annotations
 
 import abc
+import json
 import time
 
 import numpy as np
@@ -85,6 +86,24 @@ def create_backend(name: str, folder: ExportFolder, threads: int | None = None,
     raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
 
 
+def check_top_k_metadata(folder: ExportFolder, metadata: dict[str, str]) -> None:
+    """The decoder's nodes and gaze_config.json must agree on top_k per layer (both rewritten by `gaze calibrate`)."""
+    from gaze_edge.export.node import TOP_K_METADATA  # a constants module: imports nothing
+
+    recorded = metadata.get(TOP_K_METADATA)
+    if recorded is None:
+        return  # exported before the key existed: nothing to compare
+    try:
+        graph_top_k = tuple(int(k) for k in json.loads(recorded))
+    except (ValueError, TypeError) as exc:
+        raise BackendError(f"{folder.decoder_path} has unreadable {TOP_K_METADATA} metadata {recorded!r}; "
+                           "re-run `gaze export`") from exc
+    if graph_top_k != folder.shape.top_k_per_layer:
+        raise BackendError(f"{folder.decoder_path} selects top_k {list(graph_top_k)} per layer but gaze_config.json "
+                           f"says {list(folder.shape.top_k_per_layer)}: the folder was changed half-way (an "
+                           "interrupted `gaze calibrate`?); run `gaze calibrate` on it again or re-export")
+
+
 class OrtBackend(Backend):
     """ONNX Runtime with I/O binding: the cache buffers are bound, never copied by the runtime."""
 
@@ -136,6 +155,7 @@ class OrtBackend(Backend):
             raise BackendError(f"{self.folder.decoder_path} has KV heads/head dim/regions {key[1]}/{key[3]}/"
                                f"{desc[2]}, gaze_config.json {s.kv_heads}/{s.head_dim}/{s.num_regions}; "
                                "re-run `gaze export`")
+        check_top_k_metadata(self.folder, self.decoder.get_modelmeta().custom_metadata_map)
         self.output_names = [o.name for o in self.decoder.get_outputs()]
         self.query_names = [n for n in self.output_names if n.startswith("gaze_query.")]
 

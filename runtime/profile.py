@@ -10,10 +10,12 @@ roofline divides bytes per step by each Jetson board's datasheet bandwidth
 from __future__ import annotations
 
 import resource
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from .folder import ModelShape
 from .generate import GazeRuntime, Prompt, Timings
 from .sampling import SamplingConfig
 
@@ -22,20 +24,24 @@ JETSON_BANDWIDTH_GBPS = {"Orin Nano 8GB": 68.0, "Orin Nano 8GB Super": 102.0, "O
                          "AGX Orin 64GB": 204.8, "AGX Thor": 273.0}
 
 
-def kv_bytes_per_step(rt: GazeRuntime, batch: int, images: int, context_len: int) -> dict[str, int]:
-    """KV (+ descriptor) bytes one decode step reads at a context of context_len tokens, gaze and dense."""
-    s = rt.shape
+def kv_bytes_per_step(shape: ModelShape, batch: int, images: int, context_len: int,
+                      top_k_per_layer: Sequence[float] | None = None) -> dict[str, int]:
+    """KV (+ descriptor) bytes one decode step reads at a context of context_len tokens, gaze and dense.
+
+    ``top_k_per_layer`` defaults to the export's (gaze calibrate asks about other budgets).
+    """
+    s = shape
     visual = images * s.tokens_per_image
     dense_tokens = context_len - visual
     per_token = 2 * s.head_dim * s.itemsize * s.kv_heads  # key + value of all KV heads, one layer
     region_tokens = s.region_size[0] * s.region_size[1]
     regions = images * s.regions_per_image
-    gaze = dense = 0
-    for k in s.top_k_per_layer:
+    gaze, dense = 0.0, 0
+    for k in s.top_k_per_layer if top_k_per_layer is None else top_k_per_layer:
         kept = min(min(k, regions) * region_tokens, visual)
         gaze += per_token * (dense_tokens + kept) + s.kv_heads * regions * s.head_dim * 4
         dense += per_token * context_len
-    return {"gaze": gaze * batch, "dense": dense * batch}
+    return {"gaze": int(round(gaze * batch)), "dense": int(dense * batch)}
 
 
 def peak_rss_bytes() -> int:
@@ -79,7 +85,7 @@ def profile(rt: GazeRuntime, images: int = 1, frames: int = 0, batch: int = 1, n
     assert spec is not None
     prompt_len = spec.capacity - new_tokens
     context = prompt_len + len(steps) - 1
-    kv = kv_bytes_per_step(rt, batch, count, context)
+    kv = kv_bytes_per_step(rt.shape, batch, count, context)
     memory = rt.backend.memory()
     peak = peak_rss_bytes()
     # Whatever the run added at its peak beyond the cache buffers: activations, ORT arenas, logits buffers.
