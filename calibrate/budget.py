@@ -184,6 +184,35 @@ def choose_top_k(curve: np.ndarray, coverage: float) -> np.ndarray:
     return np.where(meets.any(-1), meets.argmax(-1) + 1, curve.shape[-1]).astype(np.int64)
 
 
+def descend_by_agreement(captioner: Captioner, start: Sequence[int], dense: np.ndarray, min_agreement: float,
+                         progress: Progress | None = None) -> tuple[list[int], list[dict[str, Any]]]:
+    """Greedy: lower one layer's k at a time (largest first) while captions still agree with `dense`.
+
+    Agreement = share of calibration captions identical to the dense model's. Returns the final
+    budget and every trial (top_k, agreement, accepted) for the report.
+    """
+    current = [int(k) for k in start]
+    trials: list[dict[str, Any]] = []
+    blocked: set[int] = set()
+    while True:
+        candidates = [i for i in sorted(range(len(current)), key=lambda i: -current[i])
+                      if current[i] > 1 and i not in blocked]
+        if not candidates:
+            return current, trials
+        layer = candidates[0]
+        trial = list(current)
+        trial[layer] -= 1
+        agreement = float((captioner.captions(trial) == dense).all(1).mean())
+        accepted = agreement >= min_agreement
+        trials.append({"top_k": trial, "agreement": agreement, "accepted": accepted})
+        if progress:
+            progress("agreement search", len(trials), len(trials) + len(candidates))
+        if accepted:
+            current = trial
+        else:
+            blocked.add(layer)  # this layer cannot go lower without losing captions; keep its k
+
+
 # --------------------------------------------------------------------------- stage 4
 
 
@@ -205,6 +234,9 @@ class CalibrationReport:
     regions: int
     trained_top_k: list[int]
     chosen_top_k: list[int]
+    coverage_top_k: list[int]  # the coverage rule's choice (= chosen unless --min-agreement lowered it)
+    min_agreement: float | None
+    agreement_search: list[dict[str, Any]]
     per_head_top_k: list[list[int]]
     per_head_kv_bytes_per_token: float
     coverage_per_layer: list[list[float]]  # [L][R]

@@ -29,6 +29,9 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True, help="folder of calibration images (PNG/JPEG)")
     p.add_argument("--coverage", type=float, default=0.95,
                    help="share of the dense visual attention mass the selected regions must keep, in (0, 1]")
+    p.add_argument("--min-agreement", type=float,
+                   help="then lower k layer by layer while at least this share of calibration captions stays "
+                        "identical to the dense model's, in (0, 1] (default: coverage alone decides)")
     p.add_argument("--checkpoint", type=Path,
                    help="the checkpoint OUT was exported from (default: the one its validation_report.json names)")
     p.add_argument("--prompts", type=Path, help="text file, one user prompt per line, cycled over the images "
@@ -86,6 +89,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from .data import load_image_set, read_prompts
 
     coverage = bg.check_coverage(args.coverage)
+    if args.min_agreement is not None and not 0.0 < args.min_agreement <= 1.0:
+        raise InputError(f"--min-agreement must be in (0, 1] (share of captions identical to the dense model's), "
+                         f"got {args.min_agreement}")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise InputError("--max-new-tokens and --batch-size must be at least 1")
     folder = ExportFolder.open(args.out)
@@ -111,8 +117,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
     progress = bg.TqdmProgress()
     cap = bg.Captioner(model, processor, images, prompts, args.batch_size, args.max_new_tokens)
     curves = cap.coverage(cap.captions(current), progress)
-    chosen = [int(k) for k in bg.choose_top_k(curves.per_layer, coverage)]
+    by_coverage = [int(k) for k in bg.choose_top_k(curves.per_layer, coverage)]
+    chosen = by_coverage
     per_head = bg.choose_top_k(curves.visual, coverage)
+    search: list[dict[str, Any]] = []
+    if args.min_agreement is not None:
+        print(f"[2b/5] lowering k while >= {args.min_agreement:.0%} of calibration captions match dense",
+              file=sys.stderr)
+        dense_tokens = cap.captions([regions] * layers)
+        chosen, search = bg.descend_by_agreement(cap, by_coverage, dense_tokens, args.min_agreement, progress)
 
     print(f"[3/5] budget vs quality on {'held-out' if held else 'calibration'} images", file=sys.stderr)
     evaluated = held or images
@@ -127,7 +140,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     per_head_bytes = bg.kv_bytes_per_token(folder.shape, [float(k) for k in per_head.mean(1)], context)
     report = bg.CalibrationReport(
         coverage_target=coverage, images=len(images), queries=curves.queries, regions=regions,
-        trained_top_k=trained, chosen_top_k=chosen, per_head_top_k=per_head.tolist(),
+        trained_top_k=trained, chosen_top_k=chosen, coverage_top_k=by_coverage, min_agreement=args.min_agreement,
+        agreement_search=search, per_head_top_k=per_head.tolist(),
         per_head_kv_bytes_per_token=per_head_bytes,
         coverage_per_layer=curves.per_layer.round(5).tolist(),
         coverage_p10_per_layer=curves.visual_p10.round(5).tolist(),
@@ -142,7 +156,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     else:
         print(f"[5/5] writing top_k {chosen} into {folder.path}", file=sys.stderr)
         bg.write_top_k(folder, chosen, {
-            "coverage_target": coverage, "images": len(images), "images_folder": str(args.images),
+            "coverage_target": coverage, "coverage_top_k": by_coverage, "min_agreement": args.min_agreement,
+            "images": len(images), "images_folder": str(args.images),
             "trained_top_k_per_layer": trained, "coverage_at_chosen_k": [
                 round(float(curves.per_layer[i, k - 1]), 5) for i, k in enumerate(chosen)],
             "checkpoint": str(checkpoint), "date": datetime.date.today().isoformat()})
@@ -192,6 +207,10 @@ def format_report(report: Any) -> str:
         t = report.trained_top_k[i]
         lines.append(f"{i:>5}  {k:>8}  {report.coverage_per_layer[i][k - 1]:>11.3f}   "
                      f"({t}, {report.coverage_per_layer[i][t - 1]:.3f})")
+    if report.min_agreement is not None:
+        lines.append(f"coverage chose {report.coverage_top_k}; lowered while >= {report.min_agreement:.0%} of "
+                     f"calibration captions match dense ({len(report.agreement_search)} trials) -> "
+                     f"{report.chosen_top_k}")
     lines.append(f"per KV head (measured, not written: one top_k per node): {report.per_head_top_k}")
     lines.append("")
     lines.append(f"{'budget':<12} {'top_k per layer':<18} {'KV B/token':>11} {'agree w/ dense':>15} {'accuracy':>9}")

@@ -102,6 +102,31 @@ def test_choose_top_k():
     assert bg.choose_top_k(curve[None], 0.95).tolist() == [[3, 1, 4]]  # per KV head keeps its shape
 
 
+def test_agreement_descent_lowers_only_layers_that_keep_the_captions():
+    """Layer 1 needs k >= 3 for all captions, layer 0 loses one caption of 4 below k = 2; others are free."""
+    dense = np.arange(8).reshape(4, 2)
+
+    class FakeCaptioner:
+        calls = 0
+
+        def captions(self, top_k):
+            self.calls += 1
+            out = dense.copy()
+            if top_k[1] < 3:
+                out[:] = -1
+            if top_k[0] < 2:
+                out[0] = -1
+            return out
+
+    fake = FakeCaptioner()
+    chosen, trials = bg.descend_by_agreement(fake, [4, 5, 3], dense, 1.0)  # type: ignore[arg-type]
+    assert chosen == [2, 3, 1]
+    assert all(t["agreement"] == 1.0 for t in trials if t["accepted"])
+    assert len(trials) == fake.calls
+    chosen, _ = bg.descend_by_agreement(fake, [4, 5, 3], dense, 0.75)  # type: ignore[arg-type]
+    assert chosen == [1, 3, 1]  # one caption in four may change
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.01, float("nan")])
 def test_coverage_outside_0_1_is_refused(bad):
     with pytest.raises(bg.InputError, match=r"\(0, 1\]"):
