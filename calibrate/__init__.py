@@ -1,1 +1,2 @@
-"""Per-layer gaze budget and quantization calibration (issue 6; not built yet)."""
+"""Calibration for deployment: the per-layer gaze budget (`gaze calibrate`, budget.py) and INT8 quantization
+(`gaze quantize`, quantize.py), both fed by the same calibration images (data.py)."""
