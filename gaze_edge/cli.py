@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Parser modules import nothing heavy at module level: `gaze caption` on a device needs
     # neither torch nor onnx (tests/test_runtime_core.py checks it).
     from .calibrate.cli import add_calibrate_parser
+    from .calibrate.quantize_cli import add_quantize_parser
     from .export.cli import add_export_parser
     from .export.trt_build import add_build_parser
     from .runtime.cli import add_caption_parser, add_profile_parser
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption_parser(sub)
     add_profile_parser(sub)
     add_calibrate_parser(sub)
+    add_quantize_parser(sub)
     return parser
 
 
