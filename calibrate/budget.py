@@ -29,16 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gaze_edge.atomic import replace_file
 from gaze_edge.errors import GazeError, InputError
 from gaze_edge.runtime.folder import ExportFolder
 from gaze_edge.runtime.profile import kv_bytes_per_step
@@ -273,7 +271,8 @@ def sweep(captioner: Captioner, shape: Any, budgets: dict[str, list[int]], refer
     for name, top_k in budgets.items():
         t = tokens[name]
         generated = (t != captioner.processor.pad_token_id).sum(1).mean()
-        context = prompt_len + (generated - 1) / 2  # generated tokens are fed back, the last one is not
+        # Decode steps feed generated tokens 0..n-2 (not the last) at contexts prompt_len+1 .. prompt_len+n-1.
+        context = prompt_len + generated / 2
         acc = accuracy(captioner.texts(t), images.names, images.truth) if images.has_truth else None
         rows.append(BudgetRow(name, list(top_k), kv_bytes_per_token(shape, top_k, context), float(context),
                               float((t == tokens[reference]).all(1).mean()), acc))
@@ -318,24 +317,9 @@ def write_top_k(folder: ExportFolder, top_k: Sequence[int], calibration: dict[st
     config = json.loads(json.dumps(folder.config))
     config["gaze"]["top_k_per_layer"] = top_k
     config["gaze"]["calibration"] = calibration
-    _replace(path, proto.SerializeToString())
-    _replace(folder.path / "gaze_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    replace_file(path, proto.SerializeToString())
+    replace_file(folder.path / "gaze_config.json", (json.dumps(config, indent=2) + "\n").encode())
     folder.config = config
-
-
-def _replace(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class TqdmProgress:

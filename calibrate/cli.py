@@ -100,11 +100,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     checkpoint = _resolve_checkpoint(folder, args.checkpoint)
 
-    import torch
+    from gaze_edge.model.checkpoint import load_checkpoint  # PyTorch: coverage needs the dense attention
 
-    from gaze_edge.model.checkpoint import load_checkpoint
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"[1/5] loading {checkpoint} and {len(images)} calibration images from {args.images}", file=sys.stderr)
     model, processor = load_checkpoint(checkpoint)
     model.eval()

@@ -62,6 +62,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from gaze_edge.atomic import move_folder_into_place
 from gaze_edge.errors import GazeError, InputError
 from gaze_edge.export.node import DOMAIN, OP_TYPE
 from gaze_edge.runtime.folder import COPIED_FILES, ExportFolder
@@ -616,22 +617,6 @@ def _copy_files(folder: ExportFolder, tmp: Path) -> None:
         shutil.copy2(folder.path / name, tmp / name)
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """os.replace the finished folder into place; an old DST (--force) is set aside, then removed."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError as exc:
-        if old is not None:
-            os.replace(old, out)
-        raise QuantizeError(f"cannot move the quantized export into {out}: {exc}") from exc
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def quantize_export(src: str | Path, dst: str | Path, options: QuantizeOptions,
                     stage: Stage = _default_stage) -> dict[str, Any]:
     """Quantize export folder `src` into a new export folder `dst` (atomically); returns the report."""
@@ -660,7 +645,7 @@ def quantize_export(src: str | Path, dst: str | Path, options: QuantizeOptions,
     try:
         report = _quantize_into(tmp, folder, options, calib, check_set, source, steps)
         steps(f"moving into {dst}")
-        _move_into_place(tmp, dst)
+        move_folder_into_place(tmp, dst, QuantizeError, "the quantized export")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gaze_edge.atomic import move_folder_into_place
 from gaze_edge.errors import GazeError, InputError
 
 from . import node as gf
@@ -94,29 +95,13 @@ def run_export(args: argparse.Namespace) -> int:
         raise ExportError(f"cannot write beside {out}: {exc}") from exc
     try:
         report = _export_into(tmp, ckpt, args)
-        _move_into_place(tmp, out)
+        move_folder_into_place(tmp, out, ExportError, "the export")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(f"wrote {out} (validation: prefill logits rel err {report['prefill_logits_rel_err']:.2e}, "
           f"greedy identical {report['greedy_identical']})", flush=True)
     return 0
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """os.replace the finished folder into place; an old OUT (--force) is set aside, then removed."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except OSError as exc:
-        if old is not None:
-            os.replace(old, out)
-        raise ExportError(f"cannot move the export into {out}: {exc}") from exc
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_into(folder: Path, ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from gaze_edge import atomic
 from gaze_edge.calibrate import budget as bg
 from gaze_edge.calibrate.data import load_image_set
 from gaze_edge.cli import main as gaze_main
@@ -176,7 +177,7 @@ def test_per_layer_top_k_written_runs_in_onnx_runtime_like_pytorch(export_copy: 
 
 def test_interrupted_rewrite_is_refused_by_the_runtime_and_repaired(export_copy: Path, monkeypatch):
     before = {p.name: p.read_bytes() for p in export_copy.iterdir() if p.is_file()}
-    real = bg._replace
+    real = bg.replace_file
     calls = []
 
     def second_fails(path, data):
@@ -185,7 +186,7 @@ def test_interrupted_rewrite_is_refused_by_the_runtime_and_repaired(export_copy:
             raise KeyboardInterrupt
         real(path, data)
 
-    monkeypatch.setattr(bg, "_replace", second_fails)
+    monkeypatch.setattr(bg, "replace_file", second_fails)
     with pytest.raises(KeyboardInterrupt):
         bg.write_top_k(ExportFolder.open(export_copy), [3] * len(ExportFolder.open(export_copy).shape.top_k_per_layer),
                        {})
@@ -194,7 +195,7 @@ def test_interrupted_rewrite_is_refused_by_the_runtime_and_repaired(export_copy:
     assert not [p for p in export_copy.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
     with pytest.raises(BackendError, match="interrupted `gaze calibrate`"):
         GazeRuntime.load(export_copy, threads=1)
-    monkeypatch.setattr(bg, "_replace", real)
+    monkeypatch.setattr(bg, "replace_file", real)
     folder = ExportFolder.open(export_copy)
     bg.write_top_k(folder, [3] * folder.shape.num_layers, {})
     GazeRuntime.load(export_copy, threads=1)  # consistent again
@@ -203,10 +204,10 @@ def test_interrupted_rewrite_is_refused_by_the_runtime_and_repaired(export_copy:
 def test_failed_first_write_changes_nothing(export_copy: Path, monkeypatch):
     before = {p.name: p.read_bytes() for p in export_copy.iterdir() if p.is_file()}
 
-    def full_disk(path, data, real=bg._replace):
+    def full_disk(path, data, real=bg.replace_file):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(bg, "_replace", full_disk)
+    monkeypatch.setattr(bg, "replace_file", full_disk)
     folder = ExportFolder.open(export_copy)
     with pytest.raises(OSError):
         bg.write_top_k(folder, [1] * folder.shape.num_layers, {})
@@ -217,9 +218,9 @@ def test_failed_first_write_changes_nothing(export_copy: Path, monkeypatch):
 def test_replace_leaves_no_temp_file_on_error(tmp_path: Path, monkeypatch):
     target = tmp_path / "f.json"
     target.write_text("old")
-    monkeypatch.setattr(bg.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (_ for _ in ()).throw(OSError("boom")))
     with pytest.raises(OSError):
-        bg._replace(target, b"new")
+        atomic.replace_file(target, b"new")
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
 
 
