@@ -49,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -62,7 +61,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gaze_edge.atomic import move_folder_into_place
+from gaze_edge.atomic import check_new_folder, move_folder_into_place
 from gaze_edge.errors import GazeError, InputError
 from gaze_edge.export.node import DOMAIN, OP_TYPE
 from gaze_edge.runtime.folder import COPIED_FILES, ExportFolder
@@ -143,15 +142,7 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         raise InputError(f"-o {dst} is the source export itself; write the quantized export to a new folder")
     if src_r.is_relative_to(dst_r) or dst_r.is_relative_to(src_r):
         raise InputError(f"-o {dst} and the source {src} are nested; write the quantized export beside the source")
-    if dst.exists() and not force:
-        raise QuantizeError(f"{dst} already exists; pass --force to replace it")
-    if dst.exists() and not dst.is_dir():
-        raise QuantizeError(f"{dst} exists and is not a folder; remove it first")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    if not parent.is_dir():
-        raise QuantizeError(f"cannot write {dst}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise QuantizeError(f"cannot write {dst}: folder {parent} is not writable")
+    check_new_folder(dst, force, QuantizeError)
 
 
 # ----------------------------------------------------------------------------- graph I/O

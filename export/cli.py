@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from gaze_edge.atomic import move_folder_into_place
+from gaze_edge.atomic import check_new_folder, move_folder_into_place
 from gaze_edge.errors import GazeError, InputError
 
 from . import node as gf
@@ -68,23 +67,11 @@ def _check_options(args: argparse.Namespace) -> None:
         raise InputError("--validate-scenes must be at least 1")
 
 
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder; remove it first")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"cannot write {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write {out}: folder {parent} is not writable")
-
-
 def run_export(args: argparse.Namespace) -> int:
     """Entry point of `gaze export`; returns the exit status."""
     _check_options(args)
     out = Path(args.output)
-    _check_output(out, args.force)
+    check_new_folder(out, args.force, ExportError)
     ckpt = Path(args.checkpoint)
     for name in COPIED_FILES:
         if Path(ckpt).is_dir() and not (ckpt / name).is_file():

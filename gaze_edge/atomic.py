@@ -11,6 +11,19 @@ from pathlib import Path
 from .errors import GazeError
 
 
+def check_new_folder(out: Path, force: bool, error: type[GazeError]) -> None:
+    """`out` can be created (or, with `force`, replaced) as a folder; else `error` says why and what to do."""
+    if out.exists() and not force:
+        raise error(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise error(f"{out} exists and is not a folder; remove it first")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise error(f"cannot write {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"cannot write {out}: folder {parent} is not writable")
+
+
 def move_folder_into_place(tmp: Path, out: Path, error: type[GazeError], what: str) -> None:
     """os.replace a finished folder `tmp` (beside `out`) into `out`; an old `out` is set aside, then removed.
 
