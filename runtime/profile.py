@@ -24,7 +24,7 @@ JETSON_BANDWIDTH_GBPS = {"Orin Nano 8GB": 68.0, "Orin Nano 8GB Super": 102.0, "O
                          "AGX Orin 64GB": 204.8, "AGX Thor": 273.0}
 
 
-def kv_bytes_per_step(shape: ModelShape, batch: int, images: int, context_len: int,
+def kv_bytes_per_step(shape: ModelShape, batch: int, images: int, context_len: float,
                       top_k_per_layer: Sequence[float] | None = None) -> dict[str, int]:
     """KV (+ descriptor) bytes one decode step reads at a context of context_len tokens, gaze and dense.
 
@@ -36,12 +36,12 @@ def kv_bytes_per_step(shape: ModelShape, batch: int, images: int, context_len: i
     per_token = 2 * s.head_dim * s.itemsize * s.kv_heads  # key + value of all KV heads, one layer
     region_tokens = s.region_size[0] * s.region_size[1]
     regions = images * s.regions_per_image
-    gaze, dense = 0.0, 0
+    gaze = dense = 0.0
     for k in s.top_k_per_layer if top_k_per_layer is None else top_k_per_layer:
         kept = min(min(k, regions) * region_tokens, visual)
         gaze += per_token * (dense_tokens + kept) + s.kv_heads * regions * s.head_dim * 4
         dense += per_token * context_len
-    return {"gaze": int(round(gaze * batch)), "dense": int(dense * batch)}
+    return {"gaze": int(round(gaze * batch)), "dense": int(round(dense * batch))}
 
 
 def peak_rss_bytes() -> int:
