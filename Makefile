@@ -31,10 +31,10 @@ demo: setup
 	@echo "gaze maps: $(DEMO)/gaze_map_*.png"
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -rs -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import time
@@ -44,9 +45,10 @@ def processor_for(config: Any) -> Any:
                          config.tokens_per_image, ctx)
 
 
-def export(work: Path, layers: int) -> dict[str, Path]:
-    """Export folders {'gaze': ..., 'dense': ...} unless already there."""
-    folders = {"gaze": work / "gaze", "dense": work / "dense"}
+def export(work: Path, layers: int, max_images: int = MAX_IMAGES, kinds: tuple[str, ...] = ("gaze", "dense"),
+           max_seq_len: int = 8192) -> dict[str, Path]:
+    """Export folders {'gaze': ..., 'dense': ...} unless already there (dense: the same weights, top_k = R)."""
+    folders = {kind: work / kind for kind in kinds}
     if all((f / "gaze_config.json").is_file() for f in folders.values()):
         return folders
     import torch
@@ -67,16 +69,17 @@ def export(work: Path, layers: int) -> dict[str, Path]:
     for kind, folder in folders.items():
         folder.mkdir(parents=True, exist_ok=True)
         if kind == "dense":  # the same weights with top_k = R: every region of every view is read
-            model.config.gaze_top_k = MAX_IMAGES * config.regions_per_image
-        ox.export_decoder(model, folder / "decoder.onnx", max_images=MAX_IMAGES, opset=18, external_data=True)
+            model.config.gaze_top_k = max_images * config.regions_per_image
+        ox.export_decoder(model, folder / "decoder.onnx", max_images=max_images, opset=18, external_data=True)
         for name in ("vision.onnx", "vision.onnx.data", "embed_tokens.npy"):
             target = folder / name
-            if not target.exists():
-                target.symlink_to(shared / name)
+            if not target.exists():  # hard links: the runtime refuses symlinks that leave an export folder
+                os.link(shared / name, target)
         processor.save_pretrained(folder)
-        args = SimpleNamespace(max_images=MAX_IMAGES, dtype="fp32", opset=18, trt_compat=False,
+        args = SimpleNamespace(max_images=max_images, dtype="fp32", opset=18, trt_compat=False,
                                gaze_map_outputs=False)
-        (folder / "gaze_config.json").write_text(json.dumps(runtime_config(model.config, processor, args, 8192)))
+        (folder / "gaze_config.json").write_text(json.dumps(runtime_config(model.config, processor, args,
+                                                                           max_seq_len)))
     return folders
 
 

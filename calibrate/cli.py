@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from gaze_edge.errors import InputError
+from gaze_edge import cli_args as ca
+from gaze_edge.atomic import replace_file
+from gaze_edge.errors import CheckpointError, InputError
 
 
 def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,23 +29,26 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "decoder.onnx and gaze_config.json.")
     p.add_argument("out", type=Path, help="export folder written by `gaze export` (rewritten in place)")
     p.add_argument("--images", type=Path, required=True, help="folder of calibration images (PNG/JPEG)")
-    p.add_argument("--coverage", type=float, default=0.95,
+    p.add_argument("--coverage", type=ca.number_in(0, 1, low_open=True), default=0.95,
                    help="share of the dense visual attention mass the selected regions must keep, in (0, 1]")
-    p.add_argument("--min-agreement", type=float,
+    p.add_argument("--min-agreement", type=ca.number_in(0, 1, low_open=True),
                    help="then lower k layer by layer while at least this share of calibration captions stays "
                         "identical to the dense model's, in (0, 1] (default: coverage alone decides)")
     p.add_argument("--checkpoint", type=Path,
                    help="the checkpoint OUT was exported from (default: the one its validation_report.json names)")
     p.add_argument("--prompts", type=Path, help="text file, one user prompt per line, cycled over the images "
                                                 "(default: the model's default prompt)")
-    p.add_argument("--max-images", type=int, help="use only the first N calibration images")
+    p.add_argument("--max-images", type=ca.positive_int, help="use only the first N calibration images")
+    p.add_argument("--max-total-pixels", type=ca.int_in(1, 2**62), default=ca.DEFAULT_MAX_TOTAL_PIXELS,
+                   help="most pixels decoded from each image folder, summed over its files "
+                        f"(default {ca.DEFAULT_MAX_TOTAL_PIXELS:,}); a larger folder is refused before decoding")
     p.add_argument("--held-out", type=Path,
                    help="folder of held-out images with truth.txt (`gaze scenes`): the budget table is measured "
                         "there, and the written export is checked there with ONNX Runtime")
-    p.add_argument("--report", type=Path, help="folder for calibration.json and calibration.png "
-                                               "(default: OUT/calibration)")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--report", type=ca.output_folder, help="folder for calibration.json and calibration.png "
+                                                        "(default: OUT/calibration)")
+    p.add_argument("--max-new-tokens", type=ca.int_in(1, 1 << 20), default=40)
+    p.add_argument("--batch-size", type=ca.int_in(1, 4096), default=32)
     p.add_argument("--dry-run", action="store_true", help="measure and report; do not rewrite OUT")
     p.set_defaults(func=run_calibrate)
     return p
@@ -95,10 +100,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise InputError("--max-new-tokens and --batch-size must be at least 1")
     folder = ExportFolder.open(args.out)
-    images = load_image_set(args.images, args.max_images)
-    held = load_image_set(args.held_out, what="held-out") if args.held_out else None
     prompts = read_prompts(args.prompts)
     checkpoint = _resolve_checkpoint(folder, args.checkpoint)
+    ca.check_checkpoint_fits(checkpoint, CheckpointError)
+    budget = getattr(args, "max_total_pixels", ca.DEFAULT_MAX_TOTAL_PIXELS)
+    images = load_image_set(args.images, args.max_images, processor=folder.processor, max_total_pixels=budget)
+    held = load_image_set(args.held_out, what="held-out", processor=folder.processor,
+                          max_total_pixels=budget) if args.held_out else None
 
     from gaze_edge.model.checkpoint import load_checkpoint  # PyTorch: coverage needs the dense attention
 
@@ -164,7 +172,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     out_dir = args.report or folder.path / "calibration"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "calibration.json").write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+    replace_file(out_dir / "calibration.json", (json.dumps(report.as_dict(), indent=2) + "\n").encode())
     draw(report, out_dir / "calibration.png")
     print(format_report(report))
     print(f"report: {out_dir / 'calibration.json'}, plot: {out_dir / 'calibration.png'}")

@@ -101,21 +101,23 @@ class RecordingBackend(OrtBackend):
         self._calls = 0
         self._prefilled = False
 
-    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int) -> np.ndarray:
+    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int,
+               logits_positions: np.ndarray | None = None) -> np.ndarray:
         decode_step = bool(gaze.any())  # prefill calls (any number of chunks) carry gaze = false
         if decode_step:
             self._calls += 1
         if not decode_step or self._calls <= self.decode_steps:
             assert self._slots is not None
             s = self.folder.shape
+            positions = np.array([embeds.shape[1] - 1]) if logits_positions is None else logits_positions
             feed = {"inputs_embeds": np.array(embeds, dtype=s.dtype), "gaze": np.array(gaze, dtype=bool),
                     "write_offset": np.array([write_offset], dtype=np.int64),
-                    "slot_pos": self._slots.pos.copy(), "slot_region": self._slots.region.copy(),
-                    "slot_valid": self._slots.valid.copy()}
+                    "logits_positions": np.array(positions, dtype=np.int64),
+                    **{name: table.copy() for name, table in self._slots.tables().items()}}
             for name, buf in self.kv.items():  # the past, copied before the call rewrites it in place
                 feed[f"past_key_values.{name}"] = buf.copy()
             self.decoder_store.add(feed)
-        return super().decode(embeds, gaze, write_offset)
+        return super().decode(embeds, gaze, write_offset, logits_positions)
 
 
 def record_feeds(folder: ExportFolder, images: Sequence[ImageLike], scratch: Path, *, decode_steps: int = 8,

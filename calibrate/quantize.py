@@ -66,7 +66,7 @@ from gaze_edge.errors import GazeError, InputError
 from gaze_edge.export.node import DOMAIN, OP_TYPE
 from gaze_edge.runtime.folder import COPIED_FILES, ExportFolder
 
-from .data import ImageSet, accuracy, load_image_set
+from .data import DEFAULT_MAX_TOTAL_PIXELS, ImageSet, accuracy, load_image_set
 
 MODES = ("int8-weight", "int8")
 DEFAULT_CALIB_COUNT = 32
@@ -100,6 +100,7 @@ class QuantizeOptions:
     threads: int | None = None
     decode_steps: int = DECODE_STEPS
     batch: int = 16
+    max_total_pixels: int = DEFAULT_MAX_TOTAL_PIXELS  # per image folder, summed over the images used
 
 
 def check_options(options: QuantizeOptions) -> None:
@@ -618,10 +619,12 @@ def quantize_export(src: str | Path, dst: str | Path, options: QuantizeOptions,
     steps = _Steps(stage, 5 if options.mode == "int8-weight" else 6)
     steps("reading images")
     calib = None
+    # Decoded one at a time, kept at the model's input size, within the pixel budget (calibrate/data.py).
+    budget = {"processor": folder.processor, "max_total_pixels": options.max_total_pixels}
     if options.images is not None and (options.mode == "int8" or options.held_out is None):
-        calib = load_image_set(options.images, limit=options.calib_count)
+        calib = load_image_set(options.images, limit=options.calib_count, **budget)
     if options.held_out is not None:
-        check_set = load_image_set(options.held_out, limit=options.held_out_count, what="held-out")
+        check_set = load_image_set(options.held_out, limit=options.held_out_count, what="held-out", **budget)
         source = "held-out folder"
     else:
         assert calib is not None

@@ -1,7 +1,8 @@
-"""`gaze quantize SRC -o DST` (the lead wires add_quantize_parser into gaze_edge/cli.py).
+"""`gaze quantize SRC -o DST`: the parser gaze_edge/cli.py adds, and what it runs.
 
 Imports nothing heavy at module level (no onnx, no onnxruntime): building the `gaze` parser
-stays cheap. Errors are GazeError subclasses: gaze_edge.cli prints one line and exits 2.
+stays cheap. Every option is checked while parsing (gaze_edge/cli_args.py); errors are
+GazeError subclasses, which gaze_edge.cli prints as one line (exit codes: docs/CLI.md).
 Method and measured numbers: docs/QUANTIZE.md.
 """
 
@@ -12,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from gaze_edge import cli_args as ca
+from gaze_edge.atomic import replace_file
 
 DEFAULT_CALIB_COUNT = 32  # same values as calibrate/quantize.py (not imported here: it imports onnx)
 DEFAULT_HELD_OUT_COUNT = 200
@@ -29,13 +33,17 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--held-out", type=Path, default=None,
                    help="held-out images for the check (a `gaze scenes` folder with truth.txt scores accuracy); "
                         "default: the calibration images")
-    p.add_argument("--held-out-count", type=int, default=DEFAULT_HELD_OUT_COUNT,
+    p.add_argument("--held-out-count", type=ca.int_in(1, 1_000_000), default=DEFAULT_HELD_OUT_COUNT,
                    help=f"most held-out images checked (default {DEFAULT_HELD_OUT_COUNT})")
-    p.add_argument("--calib-count", type=int, default=DEFAULT_CALIB_COUNT,
+    p.add_argument("--calib-count", type=ca.int_in(1, 1_000_000), default=DEFAULT_CALIB_COUNT,
                    help=f"most calibration images used (default {DEFAULT_CALIB_COUNT})")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--max-total-pixels", type=ca.int_in(1, 2**62), default=ca.DEFAULT_MAX_TOTAL_PIXELS,
+                   help="most pixels decoded from each image folder (--images, --held-out), summed over the images "
+                        f"used (default {ca.DEFAULT_MAX_TOTAL_PIXELS:,}); a larger folder is refused before decoding")
+    p.add_argument("--threads", type=ca.threads, default=None, help="ONNX Runtime intra-op threads (1 .. 1024)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here ('-': stdout only)")
+    p.add_argument("--json", type=ca.output_file(".json", stdout=True), default=None,
+                   help="also write the report as JSON here ('-': stdout only)")
     p.set_defaults(func=run_quantize)
     return p
 
@@ -45,7 +53,8 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     options = QuantizeOptions(mode=args.mode, images=args.images, held_out=args.held_out,
                               held_out_count=args.held_out_count, calib_count=args.calib_count, force=args.force,
-                              threads=args.threads)
+                              threads=args.threads,
+                              max_total_pixels=getattr(args, "max_total_pixels", ca.DEFAULT_MAX_TOTAL_PIXELS))
     report = quantize_export(args.export, args.output, options)
     if args.json is not None and str(args.json) == "-":
         json.dump(report, sys.stdout, indent=2)
@@ -53,7 +62,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         return 0
     print(format_report(report))
     if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        replace_file(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return 0
 
 

@@ -1,8 +1,10 @@
 """`gaze export CKPT -o OUT`: checkpoint -> validated ONNX export folder, written atomically.
 
-The lead wires `add_export_parser` into gaze_edge/cli.py. Everything is written into a
-temporary folder beside OUT and moved into place with os.replace only once complete and
-validated; on any failure, or Ctrl-C, the temporary folder is removed.
+Every option is checked while parsing (gaze_edge/cli_args.py), then the plan (`plan_export`:
+checkpoint files, the model's size against this machine's memory, a max sequence length that
+holds at least one prompt) before anything is written. Everything is written into a
+`.OUT.partial-*` folder beside OUT and moved into place with os.replace only once complete and
+validated; on any failure, Ctrl-C, SIGTERM or SIGHUP the partial folder is removed.
 """
 
 from __future__ import annotations
@@ -11,23 +13,30 @@ import argparse
 import copy
 import json
 import shutil
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gaze_edge.atomic import check_new_folder, move_folder_into_place
-from gaze_edge.errors import GazeError, InputError
+from gaze_edge import cli_args as ca
+from gaze_edge.atomic import check_new_folder, move_folder_into_place, partial_folder
+from gaze_edge.errors import CheckpointError, GazeError, InputError, RunError
+from gaze_edge.jsonfile import read_json_object
 
 from . import node as gf
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
+MAX_OPSET = 23  # torch.onnx's ONNX_MAX_OPSET
 RUNTIME_CONFIG = "gaze_config.json"
 REPORT = "validation_report.json"
 
 
 class ExportError(GazeError):
-    """The export cannot be written, or the exported graphs disagree with PyTorch."""
+    """The export cannot be written as asked (output folder, checkpoint, options): exit 2."""
+
+
+class ExportFailedError(ExportError, RunError):
+    """The export ran and failed: the graphs do not pass onnx.checker or disagree with PyTorch (exit 1)."""
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -36,17 +45,20 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="checkpoint folder (config.json, model.safetensors, tokenizer...)")
     p.add_argument("-o", "--output", type=Path, required=True, help="export folder to create")
     p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="weights and KV cache dtype")
-    p.add_argument("--opset", type=int, default=18, help=f"ONNX opset (>= {gf.MIN_OPSET})")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="KV cache capacity the runtime allocates (default: max_position_embeddings)")
-    p.add_argument("--max-images", type=int, default=4, help="most images or frames per sequence")
+    p.add_argument("--opset", type=ca.int_in(gf.MIN_OPSET, MAX_OPSET), default=18,
+                   help=f"ONNX opset ({gf.MIN_OPSET} .. {MAX_OPSET})")
+    p.add_argument("--max-seq-len", type=ca.int_in(2), default=None,
+                   help="KV cache capacity the runtime allocates (default: max_position_embeddings); must hold "
+                        "one prompt with one image and a new token")
+    p.add_argument("--max-images", type=ca.int_in(1, 1024), default=4, help="most images or frames per sequence")
     p.add_argument("--trt-compat", action="store_true",
                    help="omit the FunctionProto (TensorRT <= 10.6 would run it instead of the plugin)")
     p.add_argument("--external-data", action="store_true",
                    help="always store weights as external data (automatic above 2 GB)")
     p.add_argument("--gaze-map-outputs", action="store_true",
                    help="also output each layer's rotated queries (gaze_query.N) so the runtime can draw gaze maps")
-    p.add_argument("--validate-scenes", type=int, default=4, help="held-out scenes for the greedy check")
+    p.add_argument("--validate-scenes", type=ca.int_in(1, 10_000), default=4,
+                   help="held-out scenes for the greedy check")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=run_export)
     return p
@@ -57,8 +69,10 @@ def _progress(step: int, total: int, message: str) -> None:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    if args.opset < gf.MIN_OPSET:
-        raise InputError(f"--opset {args.opset} is too old: the GazeAttention function needs opset >= {gf.MIN_OPSET}")
+    """The options' ranges (also checked by the parser's types: run_export may be called with a built Namespace)."""
+    if not gf.MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise InputError(f"--opset {args.opset} is not supported: the GazeAttention function needs opset "
+                         f"{gf.MIN_OPSET} .. {MAX_OPSET}")
     if args.max_images < 1:
         raise InputError("--max-images must be at least 1")
     if args.max_seq_len is not None and args.max_seq_len < 2:
@@ -67,31 +81,93 @@ def _check_options(args: argparse.Namespace) -> None:
         raise InputError("--validate-scenes must be at least 1")
 
 
+@dataclass(frozen=True)
+class ExportPlan:
+    """What was checked before anything is written: the sequence length and the shortest prompt."""
+
+    max_seq_len: int
+    min_prompt_tokens: int  # the default prompt with one image
+
+
+def plan_export(ckpt: Path, args: argparse.Namespace) -> ExportPlan:
+    """Check the checkpoint against the options and this machine, without torch and before any file is written."""
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint folder {ckpt} does not exist; pass a folder with config.json, "
+                              "model.safetensors and the tokenizer files (e.g. checkpoints/gaze-tiny)")
+    for name in ("config.json", "model.safetensors", *COPIED_FILES):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt} has no {name}; the export needs it")
+    config = read_json_object(ckpt / "config.json", CheckpointError, "restore it from the original checkpoint")
+    ca.check_checkpoint_fits(ckpt, CheckpointError)
+    max_seq_len = args.max_seq_len
+    if max_seq_len is None:
+        positions = config.get("max_position_embeddings")
+        if isinstance(positions, bool) or not isinstance(positions, int) or positions < 2:
+            raise CheckpointError(f"{ckpt / 'config.json'} has no usable max_position_embeddings ({positions!r}); "
+                                  "pass --max-seq-len")
+        max_seq_len = positions
+    from gaze_edge.model.processing import GazeProcessor  # torch-free
+
+    processor = GazeProcessor.from_pretrained(ckpt)  # CheckpointError names a bad tokenizer or template
+    shortest = len(processor.encode(processor.prompt(num_images=1)))
+    if max_seq_len < shortest + 1:
+        raise ExportError(f"--max-seq-len {max_seq_len} cannot hold one prompt: the default prompt with one image "
+                          f"is {shortest} tokens, plus at least one new token; use --max-seq-len {shortest + 1} "
+                          f"or more (captions of 32 tokens need {shortest + 32})")
+    _check_runtime_memory(config, args, max_seq_len)
+    return ExportPlan(max_seq_len, shortest)
+
+
+def _processor(ckpt: Path, cls: Any) -> Any:
+    import jinja2
+
+    try:
+        return cls.from_pretrained(ckpt)
+    except jinja2.TemplateError as exc:
+        raise CheckpointError(f"{ckpt / 'tokenizer_config.json'} has a chat_template that is not a valid Jinja "
+                          f"template ({exc}); restore it from the original checkpoint") from exc
+
+
+def _check_runtime_memory(config: dict[str, Any], args: argparse.Namespace, max_seq_len: int) -> None:
+    """One sequence at max_seq_len (KV cache + descriptors for max_images) must fit this machine's memory."""
+    from gaze_edge.runtime.folder import sequence_bytes
+
+    fields = ("num_hidden_layers", "num_key_value_heads", "head_dim")
+    values = [config.get(f) for f in fields]
+    if not all(isinstance(v, int) and v > 0 for v in values):
+        return  # the checkpoint loader names a bad field
+    layers, kv_heads, head_dim = (int(v) for v in values)  # type: ignore[arg-type]
+    regions = 0
+    size, patch, region = config.get("image_size"), config.get("patch_size"), config.get("region_size")
+    if isinstance(size, int) and isinstance(patch, int) and patch > 0 and isinstance(region, list) \
+            and len(region) == 2 and all(isinstance(r, int) and r > 0 for r in region):
+        from gaze_edge.reference import regions_per_image
+
+        grid = size // patch
+        regions = args.max_images * regions_per_image(grid, grid, region[0], region[1])
+    need = sequence_bytes(layers, kv_heads, head_dim, 2 if args.dtype == "fp16" else 4, max_seq_len, regions)
+    have = ca.total_memory_bytes()
+    if have is not None and need > have:
+        raise ExportError(f"--max-seq-len {max_seq_len} needs {ca.gib(need)} of KV cache for one sequence; this "
+                          f"machine has {ca.gib(have)}: use a smaller --max-seq-len")
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Entry point of `gaze export`; returns the exit status."""
     _check_options(args)
     out = Path(args.output)
     check_new_folder(out, args.force, ExportError)
     ckpt = Path(args.checkpoint)
-    for name in COPIED_FILES:
-        if Path(ckpt).is_dir() and not (ckpt / name).is_file():
-            raise ExportError(f"{ckpt} has no {name}; the export folder needs it for the runtime")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if str(out.parent) else "."))
-    except OSError as exc:
-        raise ExportError(f"cannot write beside {out}: {exc}") from exc
-    try:
-        report = _export_into(tmp, ckpt, args)
+    plan = plan_export(ckpt, args)
+    with partial_folder(out, ExportError) as tmp:
+        report = _export_into(tmp, ckpt, args, plan)
         move_folder_into_place(tmp, out, ExportError, "the export")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out} (validation: prefill logits rel err {report['prefill_logits_rel_err']:.2e}, "
           f"greedy identical {report['greedy_identical']})", flush=True)
     return 0
 
 
-def _export_into(folder: Path, ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _export_into(folder: Path, ckpt: Path, args: argparse.Namespace, plan: ExportPlan) -> dict[str, Any]:
     import torch
 
     from gaze_edge.model.checkpoint import load_checkpoint
@@ -104,7 +180,7 @@ def _export_into(folder: Path, ckpt: Path, args: argparse.Namespace) -> dict[str
     _progress(1, total, f"loading {ckpt}")
     model, processor = load_checkpoint(ckpt)  # CheckpointError names missing files or a wrong model type
     config = model.config
-    max_seq_len = args.max_seq_len or config.max_position_embeddings
+    max_seq_len = plan.max_seq_len
     export_model = copy.deepcopy(model).half() if args.dtype == "fp16" else model
     external = True if args.external_data else None
     try:
@@ -116,7 +192,7 @@ def _export_into(folder: Path, ckpt: Path, args: argparse.Namespace) -> dict[str
         ox.export_vision(export_model, folder / "vision.onnx", opset=args.opset, external_data=external)
         ox.export_embeddings(export_model, folder / "embed_tokens.npy")
     except OSError as exc:
-        raise ExportError(f"cannot write the export: {exc}") from exc
+        raise ExportFailedError(f"cannot write the export: {exc}") from exc
     del export_model
     _progress(4, total, "checking graphs (onnx.checker full_check)")
     check_graphs(folder, config.num_hidden_layers, with_function=not args.trt_compat)
@@ -136,7 +212,7 @@ def _export_into(folder: Path, ckpt: Path, args: argparse.Namespace) -> dict[str
     report["export_seconds"] = round(time.perf_counter() - start, 1)
     (folder / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if not report["passed"]:
-        raise ExportError(
+        raise ExportFailedError(
             f"validation failed: prefill logits rel err {report['prefill_logits_rel_err']:.2e}, decode "
             f"{report['decode_logits_rel_err']:.2e} (tolerance {report['tolerance']}), greedy identical "
             f"{report['greedy_identical']}; nothing was written"
@@ -157,14 +233,16 @@ def check_graphs(folder: Path, num_layers: int, with_function: bool) -> None:
         try:
             onnx.checker.check_model(str(folder / name), full_check=True)
         except onnx.checker.ValidationError as exc:
-            raise ExportError(f"{name} fails onnx.checker: {exc}") from exc
+            raise ExportFailedError(f"{name} fails onnx.checker: {exc}") from exc
     proto = onnx.load(str(folder / "decoder.onnx"), load_external_data=False)
     nodes = ox.gaze_nodes(proto)
     if len(nodes) != num_layers:
-        raise ExportError(f"decoder.onnx has {len(nodes)} GazeAttention nodes, expected one per layer ({num_layers})")
+        raise ExportFailedError(f"decoder.onnx has {len(nodes)} GazeAttention nodes, expected one per layer "
+                                f"({num_layers})")
     has_function = any(f.domain == gf.DOMAIN and f.name == gf.OP_TYPE for f in proto.functions)
     if has_function != with_function:
-        raise ExportError(f"decoder.onnx {'lacks' if with_function else 'carries'} the GazeAttention FunctionProto")
+        raise ExportFailedError(f"decoder.onnx {'lacks' if with_function else 'carries'} the GazeAttention "
+                                "FunctionProto")
 
 
 def runtime_config(config: Any, processor: Any, args: argparse.Namespace, max_seq_len: int) -> dict[str, Any]:
@@ -175,7 +253,7 @@ def runtime_config(config: Any, processor: Any, args: argparse.Namespace, max_se
     cache_dtype = "float16" if args.dtype == "fp16" else "float32"
     return {
         "format": "gaze-edge-onnx",
-        "format_version": 1,
+        "format_version": 2,
         "model": {
             "type": config.model_type,
             "vocab_size": config.vocab_size,
@@ -189,8 +267,7 @@ def runtime_config(config: Any, processor: Any, args: argparse.Namespace, max_se
             "dtype": cache_dtype,
             "decoder": {
                 "filename": "decoder.onnx",
-                "inputs": {"inputs_embeds": "inputs_embeds", "slot_pos": "slot_pos", "slot_region": "slot_region",
-                           "slot_valid": "slot_valid", "gaze": "gaze", "write_offset": "write_offset",
+                "inputs": {**{name: name for name in gf.DECODER_CALL_INPUTS},
                            "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
                            "past_desc_names": "past_key_values.%d.desc"},
                 "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
@@ -217,6 +294,10 @@ def runtime_config(config: Any, processor: Any, args: argparse.Namespace, max_se
             "top_k_per_layer": [config.layer_top_k(i) for i in range(layers)],
             "num_context_tokens": config.num_context_tokens,
             "context_token_ids": list(config.context_token_ids),
+            "routing": config.routing,
+            "context_attention": config.context_attention,
+            "region_frames": config.region_frames,
+            "max_region_tokens": gf.max_region_tokens(config),
             "node": {"domain": gf.DOMAIN, "op_type": gf.OP_TYPE, "version": gf.OPSET_VERSION,
                      "plugin_namespace": gf.PLUGIN_NAMESPACE, "plugin_version": gf.PLUGIN_VERSION},
         },

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from gaze_edge.model.gaze_op import KeyLayout, gaze_attention
-from gaze_edge.model.modeling import GazeForConditionalGeneration, rotary
+from gaze_edge.model.modeling import GazeForConditionalGeneration
 
 from . import gaze_function as gf
-from .node import TOP_K_METADATA
+from .node import DECODER_CALL_INPUTS, TOP_K_METADATA, max_region_tokens
 
 # The exporter logs one warning per torchvision op it cannot register; we use none of them.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
@@ -40,18 +40,30 @@ def gaze_attention_op(
     past_key: torch.Tensor,
     past_value: torch.Tensor,
     past_desc: torch.Tensor,
-    slot_pos: torch.Tensor,
-    slot_region: torch.Tensor,
-    slot_valid: torch.Tensor,
-    gaze: torch.Tensor,
     write_offset: torch.Tensor,
+    slot_pos: torch.Tensor,
+    slot_valid: torch.Tensor,
+    slot_region: torch.Tensor,
+    slot_image: torch.Tensor,
+    gaze: torch.Tensor,
+    dense_slots: torch.Tensor,
+    region_slots: torch.Tensor,
+    region_count: torch.Tensor,
+    region_last: torch.Tensor,
     top_k: int,
     max_region_tokens: int,
+    routing: int,
+    context_attention: int,
     scale: float,
     plugin_namespace: str,
     plugin_version: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GazeAttention node semantics in PyTorch (KV write, descriptor sums, model/gaze_op attention)."""
+    """GazeAttention node semantics in PyTorch (KV write, descriptor sums, model/gaze_op attention).
+
+    Computed from the per-slot metadata alone: the runtime's derived tables (dense_slots, region_*)
+    are not used here, so an ONNX Runtime run of the function body, which reads only those
+    tables, checks the tables and the body together against this.
+    """
     offset = int(write_offset.reshape(-1)[0])
     length = query.shape[2]
     new = slice(offset, offset + length)
@@ -63,12 +75,20 @@ def gaze_attention_op(
     new_valid = slot_valid[:, new]
     onehot = (slot_region[:, None, new] == regions[None, :, None]) & new_valid[:, None, :]
     present_desc = past_desc + torch.einsum("brt,bhtd->bhrd", onehot.float(), key.float())
-    keys = KeyLayout(slot_pos, slot_region, slot_valid, num_regions)
+    keys = KeyLayout(slot_pos, slot_region, slot_valid, num_regions, image=slot_image)
+    new_region, new_image = slot_region[:, new], slot_image[:, new]
+    context_image = torch.where((new_region < 0) & (new_image >= 0), new_image, torch.full_like(new_image, -1))
     # gaze_attention recomputes the region means from the cache: the same values as the sums / counts.
-    result = gaze_attention(query, present_key, present_value, slot_pos[:, new], gaze & new_valid, keys, top_k)
+    result = gaze_attention(query, present_key, present_value, slot_pos[:, new], gaze & new_valid, keys, top_k,
+                            q_context_image=context_image, routing=_name(gf.ROUTING, routing),
+                            context_attention=_name(gf.CONTEXT_ATTENTION, context_attention))
     if abs(scale - query.shape[-1] ** -0.5) > 1e-12:
         raise ValueError(f"scale {scale} differs from 1/sqrt(head_dim); the PyTorch model has no other")
     return result.out.to(query.dtype).contiguous(), present_key, present_value, present_desc
+
+
+def _name(table: dict[str, int], value: int) -> str:
+    return next(name for name, v in table.items() if v == value)
 
 
 @gaze_attention_op.register_fake
@@ -85,13 +105,16 @@ def _make_translation() -> Any:
     gaze_opset = Opset(gf.DOMAIN, gf.OPSET_VERSION)
 
     def gaze_attention_translation(
-        query, key, value, past_key, past_value, past_desc, slot_pos, slot_region, slot_valid, gaze, write_offset,
-        top_k: int, max_region_tokens: int, scale: float, plugin_namespace: str, plugin_version: str,
+        query, key, value, past_key, past_value, past_desc, write_offset, slot_pos, slot_valid, slot_region,
+        slot_image, gaze, dense_slots, region_slots, region_count, region_last,
+        top_k: int, max_region_tokens: int, routing: int, context_attention: int, scale: float,
+        plugin_namespace: str, plugin_version: str,
     ):
         return gaze_opset.GazeAttention(
-            query, key, value, past_key, past_value, past_desc, slot_pos, slot_region, slot_valid, gaze,
-            write_offset, top_k=top_k, max_region_tokens=max_region_tokens, scale=scale,
-            plugin_namespace=plugin_namespace, plugin_version=plugin_version, _outputs=4,
+            query, key, value, past_key, past_value, past_desc, write_offset, slot_pos, slot_valid, slot_region,
+            slot_image, gaze, dense_slots, region_slots, region_count, region_last,
+            top_k=top_k, max_region_tokens=max_region_tokens, routing=routing, context_attention=context_attention,
+            scale=scale, plugin_namespace=plugin_namespace, plugin_version=plugin_version, _outputs=4,
         )
 
     return gaze_attention_translation
@@ -107,7 +130,8 @@ class DecoderSpec:
     num_layers: int
     kv_heads: int
     head_dim: int
-    num_regions: int  # R: max_images * regions_per_image
+    num_regions: int  # R: max_images * regions_per_image (frames: per group of region_frames)
+    max_region_tokens: int  # M = rh * rw * rt
 
     @staticmethod
     def past_names(layer: int) -> list[str]:
@@ -118,7 +142,7 @@ class DecoderSpec:
         return [f"present.{layer}.{kind}" for kind in ("key", "value", "desc")]
 
     def input_names(self) -> list[str]:
-        names = ["inputs_embeds", "slot_pos", "slot_region", "slot_valid", "gaze", "write_offset"]
+        names = list(DECODER_CALL_INPUTS)
         for layer in range(self.num_layers):
             names += self.past_names(layer)
         return names
@@ -148,40 +172,45 @@ class GazeDecoderForExport(nn.Module):
     def forward(
         self,
         inputs_embeds: torch.Tensor,
-        slot_pos: torch.Tensor,
-        slot_region: torch.Tensor,
-        slot_valid: torch.Tensor,
-        gaze: torch.Tensor,
+        logits_positions: torch.Tensor,
         write_offset: torch.Tensor,
+        slot_pos: torch.Tensor,
+        slot_valid: torch.Tensor,
+        slot_region: torch.Tensor,
+        slot_image: torch.Tensor,
+        gaze: torch.Tensor,
+        dense_slots: torch.Tensor,
+        region_slots: torch.Tensor,
+        region_count: torch.Tensor,
+        region_last: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         config = self.model.config
         batch, length, _ = inputs_embeds.shape
         slots = write_offset + torch.arange(length, device=inputs_embeds.device)
         q_pos = slot_pos.index_select(1, slots)  # [B, T] rotary positions of the new tokens
-        rh, rw = config.region_size
+        tables = (write_offset, slot_pos, slot_valid, slot_region, slot_image, gaze, dense_slots, region_slots,
+                  region_count, region_last)
+        routing = gf.ROUTING[config.routing]
+        context_attention = gf.CONTEXT_ATTENTION[config.context_attention]
         x = inputs_embeds
         presents: list[torch.Tensor] = []
         queries: list[torch.Tensor] = []
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(batch, length, attn.heads, attn.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(batch, length, attn.kv_heads, attn.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(batch, length, attn.kv_heads, attn.head_dim).transpose(1, 2)
-            q = rotary(q, q_pos, config.rope_theta)
-            k = rotary(k, q_pos, config.rope_theta)
+            # The model's own projections (q/k/v, Qwen3's q/k norm, rotary) and MLP: nothing re-implemented.
+            q, k, v = attn.project(layer.input_layernorm(x), q_pos)
             out, present_key, present_value, present_desc = torch.ops.gaze.attention(
-                q, k, v, past[3 * i], past[3 * i + 1], past[3 * i + 2], slot_pos, slot_region, slot_valid, gaze,
-                write_offset, config.layer_top_k(i), rh * rw, attn.head_dim**-0.5,
-                self.plugin_namespace, self.plugin_version,
+                q, k, v, past[3 * i], past[3 * i + 1], past[3 * i + 2], *tables,
+                config.layer_top_k(i), max_region_tokens(config), routing, context_attention,
+                attn.head_dim**-0.5, self.plugin_namespace, self.plugin_version,
             )
             presents += [present_key, present_value, present_desc]
             queries.append(q)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-            h = layer.post_attention_layernorm(x)
-            x = x + layer.down_proj(torch.nn.functional.silu(layer.gate_proj(h)) * layer.up_proj(h))
-        logits = self.model.lm_head(self.model.norm(x))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        # Only the positions asked for reach the final norm and lm_head (prefill: the last one).
+        logits = self.model.lm_head(self.model.norm(x.index_select(1, logits_positions)))
         return (logits, *presents, *(queries if self.gaze_query_outputs else []))
 
 
@@ -206,6 +235,7 @@ def decoder_spec(model: GazeForConditionalGeneration, max_images: int) -> Decode
         kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
         num_regions=max_images * config.regions_per_image,
+        max_region_tokens=max_region_tokens(config),
     )
 
 
@@ -215,14 +245,22 @@ def dummy_decoder_inputs(
     """Tracing inputs: every dynamic size >= 2 and all different, so none is specialised."""
     config = model.config
     dtype = next(model.parameters()).dtype
-    rmap = torch.arange(slots) % max(spec.num_regions, 1) - 1  # some dense (-1), some visual slots
+    regions = max(spec.num_regions, 1)
+    rmap = torch.arange(slots) % regions - 1  # some dense (-1), some visual slots
+    dense = 5  # N: every dynamic size distinct and >= 2
     inputs: list[torch.Tensor] = [
         torch.randn(batch, length, config.hidden_size, dtype=dtype),
-        torch.arange(slots).repeat(batch, 1),
-        rmap.repeat(batch, 1),
-        torch.ones(batch, slots, dtype=torch.bool),
-        torch.ones(batch, length, dtype=torch.bool),
+        torch.tensor([length - 1, 0, 1, length - 1], dtype=torch.int64),  # logits_positions (4: distinct size)
         torch.tensor([slots - length - 1], dtype=torch.int64),
+        torch.arange(slots).repeat(batch, 1),
+        torch.ones(batch, slots, dtype=torch.bool),
+        rmap.repeat(batch, 1),
+        torch.where(rmap >= 0, 0, -1).repeat(batch, 1),
+        torch.ones(batch, length, dtype=torch.bool),
+        torch.arange(dense).repeat(batch, 1),
+        torch.full((batch, regions, spec.max_region_tokens), -1, dtype=torch.int64),
+        torch.zeros(batch, regions, dtype=torch.int64),
+        torch.full((batch, regions), -1, dtype=torch.int64),
     ]
     for _ in range(spec.num_layers):
         inputs += [
@@ -236,13 +274,20 @@ def dummy_decoder_inputs(
 def _decoder_dynamic_shapes(spec: DecoderSpec) -> tuple[Any, ...]:
     dim = torch.export.Dim
     batch, length, slots = dim("batch", min=1), dim("sequence_length", min=1), dim("cache_length", min=2)
+    dense, positions = dim("dense_length", min=1), dim("logits_length", min=1)
     shapes: list[Any] = [
-        {0: batch, 1: length},
-        {0: batch, 1: slots},
-        {0: batch, 1: slots},
-        {0: batch, 1: slots},
-        {0: batch, 1: length},
-        None,
+        {0: batch, 1: length},  # inputs_embeds
+        {0: positions},  # logits_positions
+        None,  # write_offset
+        {0: batch, 1: slots},  # slot_pos
+        {0: batch, 1: slots},  # slot_valid
+        {0: batch, 1: slots},  # slot_region
+        {0: batch, 1: slots},  # slot_image
+        {0: batch, 1: length},  # gaze
+        {0: batch, 1: dense},  # dense_slots
+        {0: batch},  # region_slots
+        {0: batch},  # region_count
+        {0: batch},  # region_last
     ]
     past = [{0: batch, 2: slots}, {0: batch, 2: slots}, {0: batch}] * spec.num_layers
     return (*shapes, tuple(past))

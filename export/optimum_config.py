@@ -10,23 +10,35 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from optimum.exporters.onnx.base import OnnxConfig
 from optimum.utils import DummyInputGenerator, NormalizedConfig
 
+from gaze_edge.runtime.cache import SlotState
+
+from .node import DECODER_CALL_INPUTS, max_region_tokens
 from .onnx_export import DecoderSpec
 
 
 class GazeDecoderDummyInputGenerator(DummyInputGenerator):
-    """A consistent first prefill call: empty cache, new tokens at slot 0, one image's regions."""
+    """A consistent first prefill call: empty cache, new tokens at slot 0 (a text token, then visual tokens).
 
-    SUPPORTED_INPUT_NAMES = ("inputs_embeds", "slot_pos", "slot_region", "slot_valid", "gaze", "write_offset",
-                             "past_key_values")
+    The layout tables come from the runtime's own SlotState, so they are what a runtime would pass.
+    """
+
+    SUPPORTED_INPUT_NAMES = (*DECODER_CALL_INPUTS, "past_key_values")
 
     def __init__(self, task: str, normalized_config: NormalizedConfig, batch_size: int = 2,
                  sequence_length: int = 7, cache_length: int = 11, max_images: int = 1, **kwargs: Any) -> None:
         self.config = normalized_config.config
         self.batch, self.length, self.slots, self.max_images = batch_size, sequence_length, cache_length, max_images
+        c, b, t = self.config, self.batch, self.length
+        self.layout = SlotState(b, self.slots, max_images * c.regions_per_image, max_region_tokens(c))
+        region = np.full((b, t), -1, dtype=np.int64)
+        region[:, 1:] = np.arange(t - 1) % c.regions_per_image
+        pos = np.broadcast_to(np.arange(t), (b, t))
+        self.layout.write(pos, region, np.ones((b, t), dtype=bool), np.where(region >= 0, 0, -1))
 
     def supports_input(self, input_name: str) -> bool:
         return any(input_name.startswith(name) for name in self.SUPPORTED_INPUT_NAMES)
@@ -37,16 +49,13 @@ class GazeDecoderDummyInputGenerator(DummyInputGenerator):
             raise ValueError("only PyTorch dummy inputs are provided")
         dtype = torch.float16 if float_dtype == "fp16" else torch.float32
         c, b, t, s = self.config, self.batch, self.length, self.slots
+        tables = self.layout.tables()
         if input_name == "inputs_embeds":
             return torch.randn(b, t, c.hidden_size, dtype=dtype)
-        if input_name == "slot_pos":
-            return torch.arange(s).repeat(b, 1)
-        if input_name == "slot_region":
-            region = torch.full((s,), -1)
-            region[1:t] = torch.arange(t - 1) % c.regions_per_image  # a text token, then visual tokens
-            return region.repeat(b, 1)
-        if input_name == "slot_valid":
-            return (torch.arange(s) < t).repeat(b, 1)
+        if input_name == "logits_positions":
+            return torch.tensor([t - 1], dtype=torch.int64)
+        if input_name in tables:
+            return torch.from_numpy(np.array(tables[input_name]))
         if input_name == "gaze":
             return torch.zeros(b, t, dtype=torch.bool)
         if input_name == "write_offset":
@@ -68,7 +77,7 @@ class GazeDecoderOnnxConfig(OnnxConfig):
     def __init__(self, config: Any, task: str = "text-generation", max_images: int = 1, **kwargs: Any) -> None:
         super().__init__(config, task=task, **kwargs)
         self.spec = DecoderSpec(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
-                                max_images * config.regions_per_image)
+                                max_images * config.regions_per_image, max_region_tokens(config))
         self.max_images = max_images
 
     def _create_dummy_input_generator_classes(self, **kwargs: Any) -> list[DummyInputGenerator]:
@@ -79,11 +88,17 @@ class GazeDecoderOnnxConfig(OnnxConfig):
     def inputs(self) -> dict[str, dict[int, str]]:
         axes: dict[str, dict[int, str]] = {
             "inputs_embeds": {0: "batch", 1: "sequence_length"},
-            "slot_pos": {0: "batch", 1: "cache_length"},
-            "slot_region": {0: "batch", 1: "cache_length"},
-            "slot_valid": {0: "batch", 1: "cache_length"},
-            "gaze": {0: "batch", 1: "sequence_length"},
+            "logits_positions": {0: "logits_length"},
             "write_offset": {},
+            "slot_pos": {0: "batch", 1: "cache_length"},
+            "slot_valid": {0: "batch", 1: "cache_length"},
+            "slot_region": {0: "batch", 1: "cache_length"},
+            "slot_image": {0: "batch", 1: "cache_length"},
+            "gaze": {0: "batch", 1: "sequence_length"},
+            "dense_slots": {0: "batch", 1: "dense_length"},
+            "region_slots": {0: "batch"},
+            "region_count": {0: "batch"},
+            "region_last": {0: "batch"},
         }
         for layer in range(self.spec.num_layers):
             key, value, desc = self.spec.past_names(layer)
@@ -93,7 +108,7 @@ class GazeDecoderOnnxConfig(OnnxConfig):
 
     @property
     def outputs(self) -> dict[str, dict[int, str]]:
-        axes: dict[str, dict[int, str]] = {"logits": {0: "batch", 1: "sequence_length"}}
+        axes: dict[str, dict[int, str]] = {"logits": {0: "batch", 1: "logits_length"}}
         for layer in range(self.spec.num_layers):
             key, value, desc = self.spec.present_names(layer)
             axes.update({key: {0: "batch", 2: "cache_length"}, value: {0: "batch", 2: "cache_length"},

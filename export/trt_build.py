@@ -264,10 +264,21 @@ def _build_engine(trt: ModuleType, builder: Any, network: Any, profiles: list[di
     os.replace(tmp, out)
 
 
+def check_plugin_contract(config: dict[str, Any], export: Path) -> None:
+    """The export's GazeAttention nodes must be the version the plugin library implements (PLUGIN_VERSION)."""
+    wanted = str(config.get("gaze", {}).get("node", {}).get("plugin_version", ""))
+    if wanted != PLUGIN_VERSION:
+        raise EngineBuildError(f"{export} uses GazeAttention plugin version {wanted or '?'}; libgaze_trt_plugin.so "
+                               f"implements version {PLUGIN_VERSION} (the v2 kernels and plugin are not done yet), "
+                               "so TensorRT could not map its nodes: no engine can be built from this export")
+
+
 def run_build(args: argparse.Namespace) -> int:
-    trt = import_tensorrt()  # first: nothing else can be done without it
     export = Path(args.export)
     config_file = export / "gaze_config.json"
+    if config_file.is_file():  # an export we can tell is unbuildable is refused before TensorRT is looked for
+        check_plugin_contract(json.loads(config_file.read_text()), export)
+    trt = import_tensorrt()  # nothing else can be done without it
     if not config_file.is_file():
         raise EngineBuildError(f"{export} is not an export folder (no gaze_config.json); run `gaze export` first")
     config = json.loads(config_file.read_text())

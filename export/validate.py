@@ -18,9 +18,12 @@ import onnxruntime as ort
 
 from gaze_edge.reference import region_index_map
 from gaze_edge.runtime.backend import OrtBackend
+from gaze_edge.runtime.cache import SlotState
 from gaze_edge.runtime.folder import ExportFolder
 from gaze_edge.runtime.generate import GazeRuntime, Prompt
 from gaze_edge.runtime.sampling import SamplingConfig
+
+from .node import max_region_tokens
 
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -37,6 +40,8 @@ class LayoutConfig:
     eos_token_id: int
     pad_token_id: int
     suppress_token_ids: tuple[int, ...] = ()  # never generated (GazeConfig.never_generated_ids)
+    context_token_ids: tuple[int, ...] = ()
+    max_region_tokens: int = 1
 
     @classmethod
     def from_model_config(cls, config: Any) -> LayoutConfig:
@@ -49,12 +54,15 @@ class LayoutConfig:
             eos_token_id=config.eos_token_id,
             pad_token_id=config.pad_token_id,
             suppress_token_ids=tuple(config.never_generated_ids),
+            context_token_ids=tuple(config.context_token_ids),
+            max_region_tokens=max_region_tokens(config),
         )
 
 
 def session(path: Path, threads: int = 1) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # see runtime/backend.py: a harmless optimizer warning per session
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -94,30 +102,27 @@ class OnnxGazeGenerator:
                     (batch, self.kv_heads, capacity, self.head_dim), dtype=self.dtype)
             self.past[f"past_key_values.{i}.desc"] = np.zeros(
                 (batch, self.kv_heads, self.num_regions, self.head_dim), dtype=np.float32)
-        self.slot_pos = np.zeros((batch, capacity), dtype=np.int64)
-        self.slot_region = np.full((batch, capacity), -1, dtype=np.int64)
-        self.slot_valid = np.zeros((batch, capacity), dtype=bool)
-        self.written = 0
+        self.slots = SlotState(batch, capacity, self.num_regions, self.layout.max_region_tokens)
         self.next_pos = np.zeros(batch, dtype=np.int64)
         self.image_tokens_seen = np.zeros(batch, dtype=np.int64)
 
     def _lay_out(self, ids: np.ndarray, mask: np.ndarray) -> None:
-        """Write positions, regions and validity of new tokens into their slots (as TokenLayout does)."""
+        """Write positions, regions, images and validity of new tokens into their slots (as TokenLayout does)."""
         valid = mask.astype(bool)
         pos = np.clip(self.next_pos[:, None] + np.cumsum(valid, 1) - 1, 0, None)
         is_image = (ids == self.layout.image_token_id) & valid
-        index = np.clip(self.image_tokens_seen[:, None] + np.cumsum(is_image, 1) - 1, 0, None)
-        region = (index // self.layout.tokens_per_image) * self.layout.regions_per_image + self.region_of_token[
-            index % self.layout.tokens_per_image]
+        seen = self.image_tokens_seen[:, None] + np.cumsum(is_image, 1)
+        index = np.clip(seen - 1, 0, None)
+        tpi = self.layout.tokens_per_image
+        region = (index // tpi) * self.layout.regions_per_image + self.region_of_token[index % tpi]
         region = np.where(is_image, region, -1)
         if is_image.any() and region.max() >= self.num_regions:
             images = int(region.max()) // self.layout.regions_per_image + 1
             raise ValueError(f"a sequence holds {images} images; this export takes at most "
                              f"{self.num_regions // self.layout.regions_per_image}")
-        new = slice(self.written, self.written + ids.shape[1])
-        if new.stop > self.capacity:
-            raise ValueError(f"{new.stop} tokens exceed the cache capacity {self.capacity}")
-        self.slot_pos[:, new], self.slot_region[:, new], self.slot_valid[:, new] = pos, region, valid
+        is_context = np.isin(ids, np.asarray(self.layout.context_token_ids, dtype=ids.dtype)) & valid
+        image = np.where(is_image, index // tpi, np.where(is_context, seen // tpi - 1, -1))
+        self.slots.write(pos, region, valid, image)
         self.next_pos = self.next_pos + valid.sum(1)
         self.image_tokens_seen = self.image_tokens_seen + is_image.sum(1)
 
@@ -133,14 +138,14 @@ class OnnxGazeGenerator:
 
     def forward(self, embeds: np.ndarray, ids: np.ndarray, mask: np.ndarray, gaze: bool) -> np.ndarray:
         """One decoder call over new tokens; returns logits [B, T, V] and advances the cache."""
+        offset = self.slots.written
         self._lay_out(ids, mask)
         feeds = {
             "inputs_embeds": embeds,
-            "slot_pos": self.slot_pos,
-            "slot_region": self.slot_region,
-            "slot_valid": self.slot_valid,
+            "logits_positions": np.arange(ids.shape[1], dtype=np.int64),
             "gaze": np.full(ids.shape, gaze, dtype=bool),
-            "write_offset": np.array([self.written], dtype=np.int64),
+            "write_offset": np.array([offset], dtype=np.int64),
+            **self.slots.tables(),
             **self.past,
         }
         outputs = self.decoder.run(None, feeds)
@@ -148,7 +153,6 @@ class OnnxGazeGenerator:
         for name, value in zip(names, outputs, strict=True):
             if name.startswith("present."):  # gaze_query.* outputs (--gaze-map-outputs) are not cache
                 self.past[name.replace("present.", "past_key_values.", 1)] = value
-        self.written += ids.shape[1]
         return outputs[0]
 
 
@@ -191,7 +195,7 @@ def validate_export(
     """Compare the exported graphs with the PyTorch model (fp32) on held-out scenes; returns the report.
 
     Checks: prefill logits (relative error over valid tokens), one decode step's logits, and greedy
-    tokens identical token for token. Tolerances from GAZE_SPEC.md: 1e-4 fp32, 1e-2 fp16.
+    tokens identical token for token. Tolerances from docs/GAZE_SEMANTICS.md: 1e-4 fp32, 1e-2 fp16.
     `passed` is false when a tolerance is exceeded or (fp32) a generation differs.
     """
     import torch

@@ -1,18 +1,24 @@
-"""The `gaze` command line. Errors print one message (no traceback) and exit non-zero."""
+"""The `gaze` command line: every argument checked while parsing; errors are one line, exit codes in docs/CLI.md."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import DEFAULT_CHECKPOINT
-from .errors import GazeError
+from . import cli_args as ca
+from .atomic import held_signals, signal_number, signals_interrupt
+from .errors import CheckpointError, GazeError, interrupt_in_chain
 
 
 def _demo(args: argparse.Namespace) -> int:
     """Caption a few generated scenes with the PyTorch model and show them beside the truth."""
+    ca.check_checkpoint_fits(args.checkpoint, CheckpointError)
     import numpy as np
     import torch
 
@@ -59,6 +65,7 @@ def _scenes(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    ca.check_checkpoint_fits(args.checkpoint, CheckpointError)
     from .model import evaluate
 
     argv = [str(args.checkpoint), "--scenes", str(args.scenes)]
@@ -67,28 +74,45 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Optional packages each command imports (checked before it starts; a missing one names its extra).
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "demo": ("torch", "transformers"),
+    "evaluate": ("torch", "transformers", "matplotlib"),
+    "export": ("torch", "transformers", "onnx", "onnxscript", "onnxruntime"),
+    "quantize": ("onnx", "onnxruntime"),
+    "calibrate": ("torch", "transformers", "onnx", "onnxruntime", "matplotlib"),
+    "caption": ("onnxruntime",),
+    "profile": ("onnxruntime",),
+    "chat": ("onnxruntime",),
+    "serve": ("onnxruntime", "fastapi", "uvicorn", "prometheus_client"),
+    "bench": ("onnxruntime",),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gaze", description="Gaze Attention VLMs on Jetson-class GPUs.")
+    parser = ca.GazeArgumentParser(prog="gaze", description="Gaze Attention VLMs on Jetson-class GPUs.",
+                                   epilog="exit status: 0 done, 1 failed while running, 2 bad arguments or input "
+                                          "(nothing done), 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (docs/CLI.md)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="caption generated scenes with the built-in model (PyTorch)")
     demo.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    demo.add_argument("--scenes", type=int, default=6)
-    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--scenes", type=ca.int_in(1, 10_000), default=6)
+    demo.add_argument("--seed", type=ca.seed, default=7)
     demo.set_defaults(func=_demo)
 
     sc = sub.add_parser("scenes", help="write held-out generated scenes as PNG files (demo and calibration input)")
-    sc.add_argument("-o", "--output", type=Path, required=True)
-    sc.add_argument("--count", type=int, default=4)
-    sc.add_argument("--size", type=int, default=48, help="image side in pixels")
-    sc.add_argument("--seed", type=int, default=7)
+    sc.add_argument("-o", "--output", type=ca.output_folder, required=True, help="folder (created with its parents)")
+    sc.add_argument("--count", type=ca.int_in(1, 1_000_000), default=4)
+    sc.add_argument("--size", type=ca.int_in(9, 4096), default=48, help="image side in pixels (9 .. 4096)")
+    sc.add_argument("--seed", type=ca.seed, default=7)
     sc.set_defaults(func=_scenes)
 
     ev = sub.add_parser("evaluate", help="held-out caption accuracy and where the model looks")
     ev.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT)
-    ev.add_argument("--scenes", type=int, default=500)
-    ev.add_argument("--json", type=Path)
-    ev.add_argument("--figure", type=Path, help="draw gaze maps of a few held-out scenes to this PNG")
+    ev.add_argument("--scenes", type=ca.int_in(1, 1_000_000), default=500)
+    ev.add_argument("--json", type=ca.output_file(".json"))
+    ev.add_argument("--figure", type=ca.output_file(".png"), help="draw gaze maps of a few held-out scenes to this PNG")
     ev.set_defaults(func=_evaluate)
 
     # Parser modules import nothing heavy at module level: `gaze caption` on a device needs
@@ -97,27 +121,74 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibrate.quantize_cli import add_quantize_parser
     from .export.cli import add_export_parser
     from .export.trt_build import add_build_parser
+    from .runtime.bench import add_bench_parser
     from .runtime.cli import add_caption_parser, add_profile_parser
+    from .runtime.commands import add_chat_serve_parsers
 
     add_export_parser(sub)
-    add_build_parser(sub)
+    build = add_build_parser(sub)
+    ca.retype(build, max_batch=ca.int_in(1, 4096), max_prefill=ca.int_in(1, 1 << 20),
+              workspace_mib=ca.int_in(1, 1 << 24))
     add_caption_parser(sub)
     add_profile_parser(sub)
     add_calibrate_parser(sub)
     add_quantize_parser(sub)
+    add_chat_serve_parsers(sub)
+    add_bench_parser(sub)
     return parser
 
 
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    signum = signal_number(exc)
+    with held_signals(deliver=False):  # a second Ctrl-C while reporting the first is no traceback
+        print(f"gaze: interrupted ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+    return 128 + signum
+
+
+def _run(args: argparse.Namespace) -> int:
+    ca.require(args.command, REQUIRES.get(args.command, ()))
+    return int(args.func(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except GazeError as exc:
-        print(f"gaze: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("gaze: interrupted", file=sys.stderr)
-        return 130
+    """Run one `gaze` command; the exit status follows docs/CLI.md (0, 1, 2, 128 + signal)."""
+    command = "gaze"
+    with signals_interrupt():
+        try:
+            try:
+                args = build_parser().parse_args(argv)
+                command = f"gaze {args.command}"
+            except SystemExit as exc:  # --help (0) or a usage error, already printed as one line (2)
+                return exc.code if isinstance(exc.code, int) else 2
+            return _run(args)
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (gaze_edge.atomic.Interrupted)
+            return _interrupted(exc)
+        except GazeError as exc:
+            interrupt = interrupt_in_chain(exc)  # e.g. "not installed" for an import that was interrupted
+            if interrupt is not None:
+                return _interrupted(interrupt)
+            ca.print_error(str(exc))
+            return exc.exit_code
+        except ImportError as exc:  # an optional package imported deeper than REQUIRES knows
+            interrupt = interrupt_in_chain(exc)
+            if interrupt is not None:
+                return _interrupted(interrupt)
+            top = (exc.name or "").split(".")[0]
+            if not isinstance(exc, ModuleNotFoundError) or top not in ca.EXTRAS:
+                raise  # not a missing optional package: a bug, keep its traceback
+            ca.print_error(f"`{command}` needs {top}, which is not installed here: "
+                           f"pip install 'gaze-edge[{ca.EXTRAS[top]}]'")
+            return 2
+        except MemoryError:
+            ca.print_error("out of memory: use fewer or smaller inputs (images, --batch, --max-new-tokens)")
+            return 1
+        except BrokenPipeError:  # `gaze caption ... | head`: the reader left; say nothing more on stdout
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        except OSError as exc:  # a write failed (disk full, permissions) after the command started
+            ca.print_error(str(exc))
+            return 1
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def load_config(path: str | Path) -> GazeConfig:
             f"{config_file}: model_type is {model_type!r}, expected {GazeConfig.model_type!r}; "
             "gaze-edge exports Gaze Attention checkpoints only"
         )
+    if "context_attention" not in data:
+        # Saved before spec v2, when context tokens attended causally: keep the behaviour it was trained with.
+        data = {**data, "context_attention": "causal"}
     try:
         config = GazeConfig.from_dict(data)
     except (TypeError, ValueError) as exc:

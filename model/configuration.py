@@ -7,15 +7,33 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from gaze_edge.errors import CheckpointError
-from gaze_edge.reference import regions_per_image
+from gaze_edge.reference import CONTEXT_ATTENTIONS, ROUTINGS, regions_per_image
+
+DECODER_STYLES = ("qwen2", "qwen3")
+VISION_STYLES = ("vit", "siglip")
 
 
 class GazeConfig(PretrainedConfig):
-    """ViT vision tower + MLP projector + Qwen2-style decoder with gaze attention.
+    """Vision tower + MLP projector + Qwen-style decoder with gaze attention.
 
-    Gaze fields: ``region_size`` [rh, rw] in visual tokens, ``gaze_top_k`` (an int, or one
-    per decoder layer) regions kept per gaze query, ``num_context_tokens`` learnable
-    tokens appended after each image/frame (their ids in ``context_token_ids``).
+    The family (docs/MODEL.md): ``decoder_style`` ``qwen2`` (biases on q/k/v, none on o, as
+    transformers' Qwen2Attention) or ``qwen3`` (per-head RMSNorm on q and k before rotary;
+    biases on q/k/v/o only with ``attention_bias``, as Qwen3Attention); ``vision_style``
+    ``vit`` (the tiny built-in tower) or ``siglip`` (model/towers.py). ``image_suffix_token_ids``:
+    tokens the processor puts after each image's visual tokens, before its context tokens
+    (LLaVA-OneVision's image newline, as a vocabulary row); never generated.
+
+    Gaze fields (semantics: docs/GAZE_SEMANTICS.md): ``region_size`` [rh, rw] in visual
+    tokens, ``region_frames`` (rt) consecutive video frames per region, ``gaze_top_k`` (an
+    int, or one per decoder layer) regions kept per gaze query, ``num_context_tokens``
+    learnable tokens appended after each image/frame (their ids in ``context_token_ids``),
+    ``routing`` and ``context_attention``.
+
+    Defaults for new models: ``context_attention = "own_image"`` is the paper's (a context
+    token summarises its own image); ``routing = "kv_head"`` keeps GQA's saving (one
+    region read serves the whole group; ``query_head`` may read up to G times as many
+    regions per KV head). The shipped checkpoints say ``"causal"`` in their config.json,
+    the v1 behaviour they were trained with.
     """
 
     model_type = "gaze_vlm"
@@ -32,20 +50,29 @@ class GazeConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-6,
         rope_theta: float = 10000.0,
         max_position_embeddings: int = 4096,
+        decoder_style: str = "qwen2",
+        attention_bias: bool = False,
         image_size: int = 48,
         patch_size: int = 8,
         vision_hidden_size: int = 128,
         vision_intermediate_size: int = 256,
         vision_num_layers: int = 2,
         vision_num_heads: int = 4,
+        vision_style: str = "vit",
+        vision_layer_norm_eps: float = 1e-6,
+        vision_post_layernorm: bool = True,
         region_size: tuple[int, int] | list[int] = (2, 2),
         gaze_top_k: int | list[int] = 2,
         num_context_tokens: int = 2,
+        region_frames: int = 1,
+        routing: str = "kv_head",
+        context_attention: str = "own_image",
         image_token_id: int = 4,
         context_token_ids: list[int] | None = None,
-        assistant_token_id: int = 3,
+        image_suffix_token_ids: list[int] | None = None,
+        assistant_token_id: int | None = 3,
         pad_token_id: int = 0,
-        bos_token_id: int = 1,
+        bos_token_id: int | None = 1,
         eos_token_id: int = 2,
         **kwargs: Any,
     ) -> None:
@@ -59,21 +86,30 @@ class GazeConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
+        self.decoder_style = decoder_style
+        self.attention_bias = attention_bias
         self.image_size = image_size
         self.patch_size = patch_size
         self.vision_hidden_size = vision_hidden_size
         self.vision_intermediate_size = vision_intermediate_size
         self.vision_num_layers = vision_num_layers
         self.vision_num_heads = vision_num_heads
+        self.vision_style = vision_style
+        self.vision_layer_norm_eps = vision_layer_norm_eps
+        self.vision_post_layernorm = vision_post_layernorm
         self.region_size = list(region_size)
         self.gaze_top_k = list(gaze_top_k) if isinstance(gaze_top_k, (list, tuple)) else gaze_top_k
         self.num_context_tokens = num_context_tokens
+        self.region_frames = region_frames
+        self.routing = routing
+        self.context_attention = context_attention
         self.image_token_id = image_token_id
         self.context_token_ids = (
             list(context_token_ids)
             if context_token_ids is not None
             else list(range(5, 5 + num_context_tokens))
         )
+        self.image_suffix_token_ids = list(image_suffix_token_ids or [])
         self.assistant_token_id = assistant_token_id
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(
@@ -97,10 +133,24 @@ class GazeConfig(PretrainedConfig):
         return regions_per_image(self.grid_size, self.grid_size, rh, rw)
 
     @property
+    def qk_norm(self) -> bool:
+        """Per-head RMSNorm on queries and keys before rotary (Qwen3)."""
+        return self.decoder_style == "qwen3"
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.decoder_style == "qwen2" or bool(self.attention_bias)
+
+    @property
+    def o_bias(self) -> bool:
+        return self.decoder_style == "qwen3" and bool(self.attention_bias)
+
+    @property
     def never_generated_ids(self) -> list[int]:
-        """Tokens generation never emits: padding, bos, the assistant marker, image and context tokens."""
-        ids = [self.pad_token_id, self.bos_token_id, self.assistant_token_id, self.image_token_id]
-        return sorted({int(i) for i in [*ids, *self.context_token_ids] if i is not None and i != self.eos_token_id})
+        """Tokens generation never emits: padding, bos, the assistant marker, image, image-suffix and context tokens."""
+        ids = [self.pad_token_id, self.bos_token_id, self.assistant_token_id, self.image_token_id,
+               *self.image_suffix_token_ids, *self.context_token_ids]
+        return sorted({int(i) for i in ids if i is not None and i != self.eos_token_id})
 
     def layer_top_k(self, layer: int) -> int:
         return self.gaze_top_k[layer] if isinstance(self.gaze_top_k, list) else self.gaze_top_k
@@ -123,7 +173,7 @@ class GazeConfig(PretrainedConfig):
                     f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                     f"num_key_value_heads ({self.num_key_value_heads})"
                 )
-            if self.image_size % self.patch_size:
+            if self.image_size % self.patch_size and self.vision_style != "siglip":  # SigLIP drops the remainder
                 problems.append(
                     f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
                 )
@@ -142,9 +192,27 @@ class GazeConfig(PretrainedConfig):
                 f"gaze_top_k has {len(self.gaze_top_k)} entries but the model has "
                 f"{self.num_hidden_layers} layers"
             )
+        if not isinstance(self.region_frames, int) or isinstance(self.region_frames, bool) or self.region_frames < 1:
+            problems.append(f"region_frames must be an integer >= 1 (video frames per region), "
+                            f"got {self.region_frames!r}")
+        if self.routing not in ROUTINGS:
+            problems.append(f"routing must be one of {', '.join(map(repr, ROUTINGS))}, got {self.routing!r}")
+        if self.context_attention not in CONTEXT_ATTENTIONS:
+            problems.append(
+                f"context_attention must be one of {', '.join(map(repr, CONTEXT_ATTENTIONS))}, got "
+                f"{self.context_attention!r} (checkpoints trained before spec v2 need 'causal')"
+            )
+        if self.decoder_style not in DECODER_STYLES:
+            problems.append(f"decoder_style must be one of {', '.join(map(repr, DECODER_STYLES))}, "
+                            f"got {self.decoder_style!r}")
+        if self.vision_style not in VISION_STYLES:
+            problems.append(f"vision_style must be one of {', '.join(map(repr, VISION_STYLES))}, "
+                            f"got {self.vision_style!r}")
         if len(self.context_token_ids) != self.num_context_tokens:
             problems.append("context_token_ids must list num_context_tokens ids")
-        special = [self.image_token_id, self.assistant_token_id, *self.context_token_ids]
+        special = [self.image_token_id, *self.context_token_ids, *self.image_suffix_token_ids]
+        if self.assistant_token_id is not None:
+            special.append(self.assistant_token_id)
         if not problems and any(not 0 <= t < self.vocab_size for t in special):
             problems.append(f"special token ids {special} must lie inside vocab_size {self.vocab_size}")
         if problems:
@@ -173,6 +241,7 @@ def llava_onevision_0_5b_config(num_hidden_layers: int = 24, vision_num_layers: 
         vision_intermediate_size=4304,
         vision_num_layers=vision_num_layers,
         vision_num_heads=16,
+        vision_style="siglip",
         region_size=(3, 3),
         gaze_top_k=8,
         num_context_tokens=4,

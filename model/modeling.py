@@ -1,11 +1,12 @@
 """The Gaze Attention vision-language model in PyTorch.
 
-ViT vision tower -> MLP projector -> visual embeddings placed at the prompt's
-``<image>`` tokens, each image followed by learnable context tokens (``<ctx_i>``, whose
-embeddings are ordinary trainable rows) -> Qwen2-style decoder (RMSNorm, rotary
-embeddings, grouped-query attention, SwiGLU) whose attention is gaze attention
-(model/gaze_op.py). Generated tokens are gaze queries; prompt, visual and context
-tokens are dense queries.
+Vision tower (model/towers.py: the tiny ViT or SigLIP) -> MLP projector -> visual
+embeddings placed at the prompt's image tokens, each image followed by learnable context
+tokens (whose embeddings are ordinary trainable rows) -> Qwen2- or Qwen3-style decoder
+(RMSNorm, rotary embeddings, grouped-query attention, SwiGLU; Qwen3 adds a per-head
+RMSNorm on q and k before rotary) whose attention is gaze attention (model/gaze_op.py,
+docs/GAZE_SEMANTICS.md). Generated tokens are gaze queries; prompt,
+visual and context tokens are dense queries.
 """
 
 from __future__ import annotations
@@ -22,53 +23,7 @@ from gaze_edge.reference import region_index_map
 
 from .configuration import GazeConfig
 from .gaze_op import KeyLayout, RegionCoverage, gaze_attention, region_coverage
-
-# ----------------------------------------------------------------------------- vision
-
-
-class VisionBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, hidden: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
-
-
-class VisionTower(nn.Module):
-    """Patchify -> learned positions -> pre-norm transformer -> projector to the decoder width."""
-
-    def __init__(self, config: GazeConfig) -> None:
-        super().__init__()
-        dv = config.vision_hidden_size
-        self.patch_embed = nn.Conv2d(3, dv, config.patch_size, stride=config.patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.tokens_per_image, dv))
-        self.blocks = nn.ModuleList(
-            VisionBlock(dv, config.vision_num_heads, config.vision_intermediate_size)
-            for _ in range(config.vision_num_layers)
-        )
-        self.norm = nn.LayerNorm(dv)
-        self.projector = nn.Sequential(
-            nn.Linear(dv, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
-        )
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] -> [N, tokens_per_image, hidden] in row-major token order."""
-        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2) + self.pos_embed
-        for block in self.blocks:
-            x = block(x)
-        return self.projector(self.norm(x))
-
+from .towers import SiglipTower, VisionTower, vision_tower
 
 # ---------------------------------------------------------------------------- decoder
 
@@ -80,7 +35,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in fp32: fp16 overflows here otherwise (see ARCHITECTURE.md pitfalls).
+        # Statistics in fp32: fp16 overflows here otherwise (a known pitfall of fp16 TensorRT engines).
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -105,24 +60,41 @@ class GazeSelfAttention(nn.Module):
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim)
-        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim)
-        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        bias = config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, Hq, T, D], k and v [B, Hkv, T, D] of normed hidden states x [B, T, H]; rotary at positions pos.
+
+        The ONNX export calls this too (export/onnx_export.py), so the two cannot drift.
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per head, before rotary
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotary(q.transpose(1, 2), pos, self.config.rope_theta)
+        k = rotary(k.transpose(1, 2), pos, self.config.rope_theta)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, step: DecodeStep, cache: GazeCache | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = rotary(q, step.q_pos, self.config.rope_theta)
-        k = rotary(k, step.q_pos, self.config.rope_theta)
+        q, k, v = self.project(x, step.q_pos)
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
         top_k = step.top_k if step.top_k is not None else self.config.layer_top_k(self.layer)
-        result = gaze_attention(q, k, v, step.q_pos, step.gaze, step.keys, top_k, step.want_aux)
+        result = gaze_attention(
+            q, k, v, step.q_pos, step.gaze, step.keys, top_k, step.want_aux, q_context_image=step.q_context_image,
+            routing=self.config.routing, context_attention=self.config.context_attention,
+        )
         if step.coverage is not None:
-            step.coverage.append(region_coverage(q, k, step.q_pos, step.gaze, step.keys))
+            step.coverage.append(region_coverage(q, k, step.q_pos, step.gaze, step.keys, routing=self.config.routing))
         step.selections.append(result.selected)
         if result.aux_loss is not None:
             step.aux_losses.append(result.aux_loss)
@@ -139,10 +111,13 @@ class DecoderLayer(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of the post-attention-normed hidden states."""
+        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
     def forward(self, x: torch.Tensor, step: DecodeStep, cache: GazeCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), step, cache)
-        h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # ------------------------------------------------------------------ layout and cache
@@ -154,6 +129,7 @@ class DecodeStep:
 
     q_pos: torch.Tensor  # [B, T]
     gaze: torch.Tensor  # [B, T] bool
+    q_context_image: torch.Tensor  # [B, T] image/frame of a context token, -1 for every other token
     keys: KeyLayout
     top_k: int | None = None
     want_aux: bool = False
@@ -166,8 +142,9 @@ class GazeCache:
     """KV cache of the PyTorch reference model: keys/values per layer plus the token layout.
 
     Grows by concatenation (the deployment runtime preallocates instead). Tracks, per
-    sequence, the next rotary position and how many image tokens were seen, so that the
-    layout of new tokens does not depend on how the prompt was split into calls.
+    sequence, the next rotary position, how many image tokens were seen and whether its
+    images are video frames, so that the layout of new tokens does not depend on how the
+    prompt was split into calls.
     """
 
     def __init__(self, batch: int, num_layers: int, device: torch.device) -> None:
@@ -176,9 +153,20 @@ class GazeCache:
         empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
         self.pos = empty
         self.region = empty
+        self.image = empty
         self.valid = empty.bool()
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.image_tokens_seen = torch.zeros(batch, dtype=torch.long, device=device)
+        self.frames = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def add(self, new: TokenPlacement) -> None:
+        """Record the layout of the tokens this call appends (their keys follow, layer by layer)."""
+        self.pos = torch.cat([self.pos, new.pos], 1)
+        self.region = torch.cat([self.region, new.region], 1)
+        self.image = torch.cat([self.image, new.image], 1)
+        self.valid = torch.cat([self.valid, new.valid], 1)
+        self.next_pos = self.next_pos + new.valid.sum(1)
+        self.image_tokens_seen = new.image_tokens_seen
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         old_k, old_v = self.keys[layer], self.values[layer]
@@ -192,14 +180,33 @@ class GazeCache:
         return self.pos.shape[1]
 
 
+@dataclass
+class TokenPlacement:
+    """The layout of the new tokens of one call, [B, T] unless said otherwise."""
+
+    pos: torch.Tensor  # rotary position
+    region: torch.Tensor  # region id of a visual token, -1 otherwise
+    valid: torch.Tensor  # False for padding
+    image: torch.Tensor  # image/frame index (per sequence, from 0) of a visual or context token, -1 otherwise
+    context_image: torch.Tensor  # image/frame index of a context token, -1 otherwise
+    image_tokens_seen: torch.Tensor  # [B] image tokens seen up to and including these tokens
+
+
 class TokenLayout:
-    """Maps input ids to rotary positions and region ids (regions numbered across images)."""
+    """Maps input ids to rotary positions, region ids (numbered across images) and image indices.
+
+    Images count 0, 1, ... per sequence in order of appearance; a context token belongs to
+    the image just before it. For a sequence whose images are the frames of one video
+    (``frames``), frames are grouped ``region_frames`` at a time and a region is the same
+    rectangle in every frame of its group; separate images always have regions of their own.
+    """
 
     def __init__(self, config: GazeConfig) -> None:
         self.config = config
         rh, rw = config.region_size
         grid = config.grid_size
         self.region_of_token = torch.from_numpy(region_index_map(grid, grid, rh, rw))
+        self.context_token_ids = torch.tensor(config.context_token_ids, dtype=torch.long)
         self.tokens_per_image = config.tokens_per_image
         self.regions_per_image = config.regions_per_image
 
@@ -209,21 +216,44 @@ class TokenLayout:
         attention_mask: torch.Tensor,
         next_pos: torch.Tensor,
         image_tokens_seen: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Positions, regions and validity of new tokens [B, T], and image tokens seen after them."""
+        frames: torch.Tensor | None = None,
+    ) -> TokenPlacement:
+        """The layout of new tokens; ``frames`` [B] bool marks sequences whose images are video frames."""
+        device = input_ids.device
         valid = attention_mask.bool()
         pos = (next_pos[:, None] + valid.long().cumsum(1) - 1).clamp(min=0)
         is_image = (input_ids == self.config.image_token_id) & valid
-        index = image_tokens_seen[:, None] + is_image.long().cumsum(1) - 1
-        image_no = index.clamp(min=0) // self.tokens_per_image
-        within = index.clamp(min=0) % self.tokens_per_image
-        region = image_no * self.regions_per_image + self.region_of_token.to(input_ids.device)[within]
-        region = torch.where(is_image, region, torch.full_like(region, -1))
-        return pos, region, valid, image_tokens_seen + is_image.sum(1)
+        is_context = torch.isin(input_ids, self.context_token_ids.to(device)) & valid
+        seen = image_tokens_seen[:, None] + is_image.long().cumsum(1)  # image tokens up to and including each
+        # The image a visual token is part of, or the last one before a context token (-1 before any
+        # image: such a token is plain text).
+        image = torch.div(seen - 1, self.tokens_per_image, rounding_mode="floor")
+        within = (seen - 1).clamp(min=0) % self.tokens_per_image
+        group = image.clamp(min=0) // self.frames_per_group(frames, input_ids.shape[0], device)[:, None]
+        region = group * self.regions_per_image + self.region_of_token.to(device)[within]
+        none = torch.full_like(region, -1)
+        return TokenPlacement(
+            pos=pos,
+            region=torch.where(is_image, region, none),
+            valid=valid,
+            image=torch.where(is_image | is_context, image, none),
+            context_image=torch.where(is_context & (image >= 0), image, none),
+            image_tokens_seen=image_tokens_seen + is_image.sum(1),
+        )
 
-    def num_regions(self, image_tokens_seen: torch.Tensor) -> int:
-        images = -(-int(image_tokens_seen.max()) // self.tokens_per_image) if image_tokens_seen.numel() else 0
-        return images * self.regions_per_image
+    def frames_per_group(self, frames: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """[B]: region_frames for a video, 1 for separate images."""
+        if frames is None:
+            return torch.ones(batch, dtype=torch.long, device=device)
+        return torch.where(frames.to(device), self.config.region_frames, 1).long()
+
+    def num_regions(self, image_tokens_seen: torch.Tensor, frames: torch.Tensor | None = None) -> int:
+        """R: regions of the sequence with the most (a partly seen image or frame group counts whole)."""
+        if not image_tokens_seen.numel():
+            return 0
+        images = -(-image_tokens_seen // self.tokens_per_image)
+        groups = -(-images // self.frames_per_group(frames, images.shape[0], images.device))
+        return int(groups.max()) * self.regions_per_image
 
 
 # ----------------------------------------------------------------------------- model
@@ -235,7 +265,7 @@ class GazeOutput:
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     past_key_values: GazeCache | None = None
-    selections: list[torch.Tensor | None] | None = None  # per layer [B, Hkv, T, R]
+    selections: list[torch.Tensor | None] | None = None  # per layer [B, Hsel, T, R] (Hsel: Hkv or Hq by routing)
     coverage: list[RegionCoverage] | None = None  # per layer, with forward(coverage=True)
 
 
@@ -257,7 +287,7 @@ class GazePreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
-        elif isinstance(module, VisionTower):
+        elif isinstance(module, (VisionTower, SiglipTower)):
             nn.init.normal_(module.pos_embed, std=0.02)
 
 
@@ -265,7 +295,7 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
     def __init__(self, config: GazeConfig) -> None:
         super().__init__(config)
         config.validate()
-        self.vision = VisionTower(config)
+        self.vision = vision_tower(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -309,9 +339,12 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
         gaze_top_k: int | None = None,
         aux_loss: bool = False,
         coverage: bool = False,
+        frames: torch.Tensor | None = None,
     ) -> GazeOutput:
         """One call over new tokens. ``gaze_mask`` [B, T] flags gaze queries (generated tokens).
 
+        ``frames`` [B] bool: the images of sequence b are the frames of one video, in order
+        (regions then span ``region_frames`` frames); a cache keeps it for later calls.
         ``gaze_top_k`` overrides the configured top_k (training curriculum, dense twin).
         ``coverage`` also returns, per layer, how much dense attention mass each budget k keeps
         (model/gaze_op.py RegionCoverage; `gaze calibrate` runs it with ``gaze_top_k`` = R).
@@ -327,20 +360,23 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.new_cache(batch)
+        if frames is None:
+            frames = cache.frames if cache is not None else torch.zeros(batch, dtype=torch.bool, device=device)
+        frames = frames.to(device=device, dtype=torch.bool)
+        if frames.shape != (batch,):
+            raise ValueError(f"frames must be one flag per sequence, shape ({batch},), got {tuple(frames.shape)}")
         next_pos = cache.next_pos if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
         seen = cache.image_tokens_seen if cache is not None else torch.zeros_like(next_pos)
-        pos, region, valid, seen_after = self.layout(input_ids, attention_mask, next_pos, seen)
+        new = self.layout(input_ids, attention_mask, next_pos, seen, frames)
+        num_regions = self.layout.num_regions(new.image_tokens_seen, frames)
         if cache is not None:
-            cache.pos = torch.cat([cache.pos, pos], 1)
-            cache.region = torch.cat([cache.region, region], 1)
-            cache.valid = torch.cat([cache.valid, valid], 1)
-            cache.next_pos = next_pos + valid.sum(1)
-            cache.image_tokens_seen = seen_after
-            keys = KeyLayout(cache.pos, cache.region, cache.valid, self.layout.num_regions(seen_after))
+            cache.frames = frames
+            cache.add(new)
+            keys = KeyLayout(cache.pos, cache.region, cache.valid, num_regions, cache.image)
         else:
-            keys = KeyLayout(pos, region, valid, self.layout.num_regions(seen_after))
-        step = DecodeStep(q_pos=pos, gaze=gaze_mask & valid, keys=keys, top_k=gaze_top_k, want_aux=aux_loss,
-                          coverage=[] if coverage else None)
+            keys = KeyLayout(new.pos, new.region, new.valid, num_regions, new.image)
+        step = DecodeStep(q_pos=new.pos, gaze=gaze_mask & new.valid, q_context_image=new.context_image, keys=keys,
+                          top_k=gaze_top_k, want_aux=aux_loss, coverage=[] if coverage else None)
 
         x = inputs_embeds
         for layer in self.layers:
@@ -372,10 +408,12 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
         seed: int | None = None,
         gaze_top_k: int | None = None,
         prefill_chunk: int | None = None,
+        frames: torch.Tensor | None = None,
     ) -> GenerateOutput:
         """Reference generation with a KV cache: greedy, or sampling (temperature, top-k, top-p).
 
         ``prefill_chunk`` feeds the prompt in chunks of that many tokens (1 = token by token).
+        ``frames`` [B] bool: sequence b's images are video frames (see ``forward``).
         """
         batch, length = input_ids.shape
         if attention_mask is None:
@@ -393,6 +431,7 @@ class GazeForConditionalGeneration(GazePreTrainedModel):
                 inputs_embeds=embeds[:, start : start + chunk],
                 past_key_values=cache,
                 gaze_top_k=gaze_top_k,
+                frames=frames,
             )
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
         assert eos is not None and pad is not None, "config.json needs eos_token_id and pad_token_id"

@@ -6,6 +6,11 @@ training is exactly what the device feeds it.
 Files (Hugging Face layout): ``tokenizer.json`` (a tokenizers model),
 ``tokenizer_config.json`` (special tokens and the jinja ``chat_template``) and
 ``preprocessor_config.json`` (image size, resampling, rescale, mean and std).
+
+The special tokens (image, pad, eos, bos, unk) are the strings tokenizer_config.json names
+(``image_token``, ``pad_token``, ...); the built-in names below are only the defaults of
+the built-in scene tokenizer. ``image_suffix_tokens`` (optional) go after each image's
+visual tokens, before its context tokens (a converted LLaVA-OneVision's image newline).
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
 import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from gaze_edge.errors import CheckpointError
+from gaze_edge.errors import CheckpointError, InputError
 from gaze_edge.jsonfile import read_json_object
 
 from . import scenes
@@ -63,6 +69,11 @@ class ImageConfig:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
+#: tokenizer_config.json keys this processor writes itself (everything else a checkpoint brings is kept).
+_OWN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token", "image_token", "image_suffix_tokens",
+             "context_tokens", "chat_template")
+
+
 class GazeProcessor:
     """Chat template, tokenizer and image preprocessing of one checkpoint."""
 
@@ -73,22 +84,39 @@ class GazeProcessor:
         chat_template: str,
         tokens_per_image: int,
         context_tokens: list[str],
+        *,
+        image_token: str = "<image>",
+        pad_token: str = "<pad>",
+        eos_token: str = "<eos>",
+        bos_token: str | None = "<bos>",
+        unk_token: str | None = "<unk>",
+        image_suffix_tokens: Sequence[str] = (),
+        tokenizer_config: dict[str, Any] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image = image
         self.chat_template = chat_template
         self.tokens_per_image = tokens_per_image
-        self.context_tokens = context_tokens
-        self.image_token_id = self._token_id("<image>")
-        self.context_token_ids = [self._token_id(t) for t in context_tokens]
-        self.pad_token_id = self._token_id("<pad>")
-        self.eos_token_id = self._token_id("<eos>")
-        self._template = jinja2.Environment(autoescape=False).from_string(chat_template)
+        self.context_tokens = list(context_tokens)
+        self.image_token, self.pad_token, self.eos_token = image_token, pad_token, eos_token
+        self.bos_token, self.unk_token = bos_token, unk_token
+        self.image_suffix_tokens = list(image_suffix_tokens)
+        self.tokenizer_config = dict(tokenizer_config or {})  # a converted checkpoint's own keys, saved back
+        self.image_token_id = self._token_id(image_token)
+        self.image_suffix_token_ids = [self._token_id(t) for t in self.image_suffix_tokens]
+        self.context_token_ids = [self._token_id(t) for t in self.context_tokens]
+        self.pad_token_id = self._token_id(pad_token)
+        self.eos_token_id = self._token_id(eos_token)
+        # Every added special token string ("<image>", "<eos>", ...): refused inside message text.
+        self.special_tokens = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special},
+                                     key=len, reverse=True)
+        self._template = compile_chat_template(chat_template)
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise CheckpointError(f"tokenizer.json has no {token!r} token; re-export the checkpoint")
+            raise CheckpointError(f"tokenizer.json has no {token!r} token (named in tokenizer_config.json); "
+                                  "re-export the checkpoint")
         return int(token_id)
 
     # -------------------------------------------------------------- files
@@ -118,12 +146,27 @@ class GazeProcessor:
                 image_mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
                 image_std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
             )
+            def name(key: str, default: str | None) -> str | None:  # absent: the built-in tokenizer's name
+                return _token_name(tok_cfg[key]) if key in tok_cfg else default
+
+            required = {key: name(key, default) for key, default in
+                        (("image_token", "<image>"), ("pad_token", "<pad>"), ("eos_token", "<eos>"))}
+            for key, value in required.items():
+                if value is None:
+                    raise CheckpointError(f"{tok_cfg_file}: {key} is null; the processor needs one")
             return cls(
                 tokenizer,
                 image,
                 chat_template=str(tok_cfg["chat_template"]),
                 tokens_per_image=int(pre["tokens_per_image"]),
                 context_tokens=list(tok_cfg["context_tokens"]),
+                image_suffix_tokens=[str(t) for t in tok_cfg.get("image_suffix_tokens", [])],
+                tokenizer_config=tok_cfg,
+                image_token=str(required["image_token"]),
+                pad_token=str(required["pad_token"]),
+                eos_token=str(required["eos_token"]),
+                bos_token=name("bos_token", "<bos>"),
+                unk_token=name("unk_token", "<unk>"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: processor config is missing or has a bad field: {exc}") from exc
@@ -134,11 +177,13 @@ class GazeProcessor:
         self.tokenizer.save(str(path / "tokenizer.json"))
         tok_cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<bos>",
-            "eos_token": "<eos>",
-            "pad_token": "<pad>",
-            "unk_token": "<unk>",
-            "image_token": "<image>",
+            **{k: v for k, v in self.tokenizer_config.items() if k not in _OWN_KEYS},
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "image_token": self.image_token,
+            **({"image_suffix_tokens": self.image_suffix_tokens} if self.image_suffix_tokens else {}),
             "context_tokens": self.context_tokens,
             "chat_template": self.chat_template,
         }
@@ -157,7 +202,35 @@ class GazeProcessor:
     # -------------------------------------------------------------- text
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        """The conversation as the model's prompt text, rendered like transformers' apply_chat_template.
+
+        Message text may not contain special token strings (InputError): the prompt is tokenized as
+        one string, so a user typing "<image>" or "<eos>" would otherwise inject that token.
+        """
+        self.check_message_text(messages)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self.bos_token, eos_token=self.eos_token,
+                                         pad_token=self.pad_token, unk_token=self.unk_token,
+                                         image_token=self.image_token)
+        except jinja2.TemplateError as exc:  # raise_exception(...) in the template, or a sandbox violation
+            raise InputError(f"the chat template refused the conversation: {exc}") from exc
+
+    def check_message_text(self, messages: list[dict[str, Any]]) -> None:
+        """InputError if any text of any message holds a special token string."""
+        for number, message in enumerate(messages):
+            content = message.get("content") if isinstance(message, dict) else None
+            parts = [content] if isinstance(content, str) else content if isinstance(content, list) else []
+            for part in parts:
+                text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) else None
+                if not isinstance(text, str):
+                    continue
+                found = next((t for t in self.special_tokens if t in text), None)
+                if found is not None:
+                    role = message.get("role", "?")
+                    raise InputError(f"message {number} ({role}) contains the special token {found!r} as text: "
+                                     "special tokens cannot be typed in a prompt (images are attached as images, "
+                                     "not written as text); remove it")
 
     def prompt(self, text: str = DEFAULT_PROMPT, num_images: int = 1) -> str:
         """The chat-formatted prompt for images followed by a user text."""
@@ -165,11 +238,12 @@ class GazeProcessor:
         return self.apply_chat_template([{"role": "user", "content": content}])
 
     def encode(self, text: str) -> list[int]:
-        """Token ids with each ``<image>`` expanded to its visual tokens and context tokens."""
+        """Token ids with each image token expanded to its visual tokens, suffix tokens and context tokens."""
         ids: list[int] = []
         for token_id in self.tokenizer.encode(text, add_special_tokens=False).ids:
             if token_id == self.image_token_id:
                 ids.extend([self.image_token_id] * self.tokens_per_image)
+                ids.extend(self.image_suffix_token_ids)
                 ids.extend(self.context_token_ids)
             else:
                 ids.append(token_id)
@@ -205,6 +279,41 @@ class GazeProcessor:
             arr = np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) * self.image.rescale_factor
             out[i] = (arr - mean) / std
         return out
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """A chat template compiled as transformers compiles it: sandboxed and immutable, trim_blocks and
+    lstrip_blocks, loop controls, `raise_exception` and `strftime_now` globals, a `tojson` filter."""
+    from datetime import datetime
+
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise CheckpointError(f"the chat template (tokenizer_config.json) is not valid jinja: {exc}") from exc
+
+
+def _token_name(value: Any) -> str | None:
+    """A tokenizer_config.json special token: a string, null, or a serialised AddedToken {"content": ...}."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    raise ValueError(f"a special token must be a string, null or {{'content': ...}}, got {value!r}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

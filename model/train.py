@@ -50,8 +50,12 @@ class TrainConfig:
 
 
 def tiny_config(vocab_size: int, top_k: int) -> GazeConfig:
-    """48 px scenes, 6x6 visual tokens, 2x2-token regions (one per scene cell): 9 regions."""
-    return GazeConfig(vocab_size=vocab_size, gaze_top_k=top_k)
+    """48 px scenes, 6x6 visual tokens, 2x2-token regions (one per scene cell): 9 regions.
+
+    Context tokens attend causally (spec v1), as the shipped checkpoints were trained, so
+    `make train` keeps reproducing them; new models default to the paper's own_image.
+    """
+    return GazeConfig(vocab_size=vocab_size, gaze_top_k=top_k, context_attention="causal")
 
 
 def make_batch(

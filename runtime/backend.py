@@ -10,9 +10,10 @@ What ONNX Runtime does with the cache (measured, see docs/RUNTIME.md): with I/O 
 the runtime hands ORT the cache buffers themselves (OrtValues over the numpy memory: no
 copy in or out of session.run), and `present.*` is bound to the very buffer bound to
 `past_key_values.*` (past and present share one buffer, as the contract allows). Inside
-the graph, however, the GazeAttention FunctionProto builds `present_key` as
-Concat(past[:o], new, past[o+T:]) into that output buffer, so ORT itself still moves the
-whole cache once per layer per step; only a plugin (TensorRT) writes the T new slots alone.
+the graph the GazeAttention body writes the new slots with ScatterND, whose ONNX Runtime
+kernel skips its input copy when input and output are the same buffer: the KV write
+touches the T new slots only. The layout tables (runtime/cache.py SlotState) are bound
+once per generation and rewritten in place; the dense-slot list is rebound only when it grows.
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ class Backend(abc.ABC):
         """Allocate (zeroed) cache and descriptor buffers once for a generation; bind the slot metadata."""
 
     @abc.abstractmethod
-    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int) -> np.ndarray:
-        """One decoder call over T new tokens (slots already written); returns logits [B, T, V] (host)."""
+    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int,
+               logits_positions: np.ndarray | None = None) -> np.ndarray:
+        """One decoder call over T new tokens (slots and tables already written).
+
+        Returns logits [B, n, V] (host) of the call's columns `logits_positions` (default: the last only).
+        """
 
     @abc.abstractmethod
     def descriptor_sums(self, layer: int) -> np.ndarray:
@@ -75,10 +80,10 @@ class Backend(abc.ABC):
 
 
 def create_backend(name: str, folder: ExportFolder, threads: int | None = None,
-                   provider: str | None = None) -> Backend:
+                   provider: str | None = None, spinning: bool = True) -> Backend:
     """The backend called `name`, or BackendError saying which exist and what is missing."""
     if name == "onnxruntime":
-        return OrtBackend(folder, threads=threads, provider=provider)
+        return OrtBackend(folder, threads=threads, provider=provider, spinning=spinning)
     if name == "tensorrt":
         from .trt_backend import TrtBackend  # imports TensorRT lazily; refuses with BackendError when missing
 
@@ -110,7 +115,7 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, folder: ExportFolder, threads: int | None = None, provider: str | None = None,
-                 share_buffers: bool = True) -> None:
+                 share_buffers: bool = True, spinning: bool = True) -> None:
         super().__init__(folder)
         self.share_buffers = share_buffers
         try:
@@ -127,6 +132,11 @@ class OrtBackend(Backend):
         # The cache is host memory bound in place; on CUDA the graph would copy it per call, so
         # keep the CUDA provider for vision and a correctness path, not for timing claims.
         options = ort.SessionOptions()
+        # ORT's graph optimizer warns, once per session, that it cannot rename a value read inside the
+        # body's If branches; the result is unaffected (the parity tests), so only errors are printed.
+        options.log_severity_level = 3
+        if not spinning:  # when sessions alternate (benchmarks), a spinning pool steals the other's time
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -141,14 +151,17 @@ class OrtBackend(Backend):
         self._queries: list[np.ndarray] | None = None
 
     def _check_graph(self) -> None:
+        from gaze_edge.export.node import DECODER_CALL_INPUTS  # a constants module: imports nothing
+
         s = self.folder.shape
         inputs = {i.name: i for i in self.decoder.get_inputs()}
-        expected = {"inputs_embeds", "slot_pos", "slot_region", "slot_valid", "gaze", "write_offset"}
+        expected = set(DECODER_CALL_INPUTS)
         expected |= {f"past_key_values.{i}.{k}" for i in range(s.num_layers) for k in ("key", "value", "desc")}
         if set(inputs) != expected:
             missing, extra = sorted(expected - set(inputs)), sorted(set(inputs) - expected)
-            raise BackendError(f"{self.folder.decoder_path} does not match gaze_config.json (missing inputs "
-                               f"{missing[:4]}, unexpected {extra[:4]}); re-run `gaze export`")
+            raise BackendError(f"{self.folder.decoder_path} does not match this runtime (missing inputs "
+                               f"{missing[:4]}, unexpected {extra[:4]}): it was exported by another gaze-edge "
+                               "version or changed since; re-run `gaze export`")
         key = inputs["past_key_values.0.key"].shape
         desc = inputs["past_key_values.0.desc"].shape
         if key[1] != s.kv_heads or key[3] != s.head_dim or desc[2] != s.num_regions:
@@ -189,13 +202,23 @@ class OrtBackend(Backend):
             self._spare = {name: np.zeros_like(buf) for name, buf in self.kv.items()}
             self._spare_values = {n: ort.OrtValue.ortvalue_from_numpy(b) for n, b in self._spare.items()}
         self._bind_cache()
-        self._slot_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (slots.pos, slots.region, slots.valid)]
-        for name, value in zip(("slot_pos", "slot_region", "slot_valid"), self._slot_values, strict=True):
-            self.io.bind_ortvalue_input(name, value)
+        self.slots = slots
+        self._tables: dict[str, tuple[np.ndarray, object]] = {}
+        self._bind_tables()
         self.write_offset = np.zeros(1, dtype=np.int64)
         self._offset_value = ort.OrtValue.ortvalue_from_numpy(self.write_offset)
         self.io.bind_ortvalue_input("write_offset", self._offset_value)
         self._bound_length = -1
+        self._bound_positions: tuple[int, ...] = ()
+
+    def _bind_tables(self) -> None:
+        """Bind the layout tables; only arrays that were replaced (the dense list when it grows) are rebound."""
+        for name, array in self.slots.tables().items():
+            bound = self._tables.get(name)
+            if bound is None or bound[0] is not array:
+                value = self.ort.OrtValue.ortvalue_from_numpy(array)
+                self.io.bind_ortvalue_input(name, value)
+                self._tables[name] = (array, value)
 
     def _bind_cache(self) -> None:
         for name in self.kv:
@@ -207,31 +230,42 @@ class OrtBackend(Backend):
         self._values, self._spare_values = self._spare_values, self._values
         self._bind_cache()
 
-    def _bind_call(self, embeds: np.ndarray, gaze: np.ndarray) -> None:
-        """(Re)bind the per-call tensors; a decode step (same T as the last call) reuses every binding."""
+    def _bind_call(self, embeds: np.ndarray, gaze: np.ndarray, positions: np.ndarray) -> None:
+        """(Re)bind the per-call tensors; a decode step (same T and positions as the last call) reuses every one."""
         ort, s = self.ort, self.folder.shape
         batch, length = embeds.shape[:2]
+        key = tuple(int(p) for p in positions)
         if length != self._bound_length:
             self._embeds = np.zeros((batch, length, s.hidden_size), dtype=s.dtype)
             self._gaze = np.zeros((batch, length), dtype=bool)
-            self._logits = np.zeros((batch, length, s.vocab_size), dtype=s.dtype)
-            self._call_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._embeds, self._gaze, self._logits)]
+            self._call_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._embeds, self._gaze)]
             self.io.bind_ortvalue_input("inputs_embeds", self._call_values[0])
             self.io.bind_ortvalue_input("gaze", self._call_values[1])
-            self.io.bind_ortvalue_output("logits", self._call_values[2])
             self._query_bufs = [np.zeros((batch, s.num_heads, length, s.head_dim), dtype=s.dtype)
                                 for _ in self.query_names]
             self._query_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._query_bufs]
             for name, value in zip(self.query_names, self._query_values, strict=True):
                 self.io.bind_ortvalue_output(name, value)
             self._bound_length = length
+        if key != self._bound_positions:
+            self._positions = np.asarray(key, dtype=np.int64)
+            self._logits = np.zeros((batch, len(key), s.vocab_size), dtype=s.dtype)
+            self._position_values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._positions, self._logits)]
+            self.io.bind_ortvalue_input("logits_positions", self._position_values[0])
+            self.io.bind_ortvalue_output("logits", self._position_values[1])
+            self._bound_positions = key
         self._embeds[...] = embeds
         self._gaze[...] = gaze
+        self._bind_tables()
 
-    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int) -> np.ndarray:
+    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int,
+               logits_positions: np.ndarray | None = None) -> np.ndarray:
         if self.spec is None:
             raise InputError("allocate() the cache before calling decode()")
-        self._bind_call(embeds, gaze)
+        positions = np.array([embeds.shape[1] - 1]) if logits_positions is None else logits_positions
+        if positions.size == 0 or positions.min() < 0 or positions.max() >= embeds.shape[1]:
+            raise InputError(f"logits positions {positions.tolist()} are not columns of a call of {embeds.shape[1]}")
+        self._bind_call(embeds, gaze, positions)
         self.write_offset[0] = write_offset
         start = time.perf_counter()
         self.decoder.run_with_iobinding(self.io)

@@ -17,7 +17,8 @@ from gaze_edge.errors import InputError
 
 from .folder import ModelShape
 
-SLOT_BYTES = 8 + 8 + 1  # slot_pos int64, slot_region int64, slot_valid bool
+SLOT_BYTES = 8 + 8 + 1 + 8 + 8  # slot_pos, slot_region, slot_valid, slot_image, dense_slots (at most one per slot)
+REGION_TABLE_BYTES = 8 + 8  # region_count, region_last per region (plus 8 per region_slots entry)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class CacheSpec:
     head_dim: int
     num_regions: int
     itemsize: int
+    max_region_tokens: int = 1
 
     @classmethod
     def plan(cls, shape: ModelShape, batch: int, capacity: int) -> CacheSpec:
@@ -42,7 +44,7 @@ class CacheSpec:
                              f"{shape.max_seq_len} (gaze export --max-seq-len): shorten the prompt, use fewer "
                              "images or --max-new-tokens, or re-export with a larger --max-seq-len")
         return cls(batch, capacity, shape.num_layers, shape.kv_heads, shape.head_dim, shape.num_regions,
-                   shape.itemsize)
+                   shape.itemsize, shape.max_region_tokens)
 
     @property
     def kv_shape(self) -> tuple[int, int, int, int]:
@@ -64,41 +66,89 @@ class CacheSpec:
 
     @property
     def slot_bytes(self) -> int:
-        return self.batch * self.capacity * SLOT_BYTES
+        """The layout tables (SlotState): per-slot metadata, the dense list at its largest, the region tables."""
+        regions = self.batch * self.num_regions * (REGION_TABLE_BYTES + 8 * self.max_region_tokens)
+        return self.batch * self.capacity * SLOT_BYTES + regions
 
 
 class SlotState:
-    """slot_pos, slot_region, slot_valid [B, S]: allocated once, rewritten in place, bound once by backends."""
+    """The layout tables every GazeAttention node of a call reads, owned and kept current by the runtime.
 
-    def __init__(self, batch: int, capacity: int) -> None:
+    Per slot [B, S]: rotary position, region (-1 dense), validity, image/frame index of a visual or
+    context token (-1 otherwise). Derived tables, maintained incrementally by `write` (only the
+    new tokens are looked at, never all S slots): the valid dense slots in cache order [B, N]
+    (-1 padding; N grows in steps of DENSE_STEP so a decode step rebinds nothing), each region's
+    slots [B, R, M] (-1 padding), token count and last position [B, R]. Allocated once; backends
+    bind the arrays and the runtime rewrites them in place before each call.
+    """
+
+    DENSE_STEP = 32
+
+    def __init__(self, batch: int, capacity: int, num_regions: int, max_region_tokens: int) -> None:
         self.pos = np.zeros((batch, capacity), dtype=np.int64)
         self.region = np.full((batch, capacity), -1, dtype=np.int64)
         self.valid = np.zeros((batch, capacity), dtype=bool)
+        self.image = np.full((batch, capacity), -1, dtype=np.int64)
+        self.region_slots = np.full((batch, max(num_regions, 1), max_region_tokens), -1, dtype=np.int64)
+        self.region_count = np.zeros((batch, max(num_regions, 1)), dtype=np.int64)
+        self.region_last = np.full((batch, max(num_regions, 1)), -1, dtype=np.int64)
+        self.dense_slots = np.full((batch, self.DENSE_STEP), -1, dtype=np.int64)
+        self.dense_count = np.zeros(batch, dtype=np.int64)
         self.written = 0  # slots [0, written) hold tokens; the next call writes from here
 
     @property
     def capacity(self) -> int:
         return int(self.pos.shape[1])
 
-    def write(self, pos: np.ndarray, region: np.ndarray, valid: np.ndarray) -> int:
-        """Lay T new tokens [B, T] into slots [written, written + T); returns write_offset."""
+    @property
+    def max_region_tokens(self) -> int:
+        return int(self.region_slots.shape[2])
+
+    def write(self, pos: np.ndarray, region: np.ndarray, valid: np.ndarray, image: np.ndarray | None = None) -> int:
+        """Lay T new tokens [B, T] into slots [written, written + T) and update the tables; returns write_offset."""
         offset, length = self.written, pos.shape[1]
         if offset + length > self.capacity:
             raise InputError(f"{offset + length} tokens exceed the cache capacity {self.capacity}")
-        self.pos[:, offset : offset + length] = pos
-        self.region[:, offset : offset + length] = region
-        self.valid[:, offset : offset + length] = valid
+        new = slice(offset, offset + length)
+        self.pos[:, new] = pos
+        self.region[:, new] = region
+        self.valid[:, new] = valid
+        self.image[:, new] = -1 if image is None else image
         self.written = offset + length
+        slots = np.arange(offset, offset + length)
+        visual = valid & (region >= 0)
+        for b in range(pos.shape[0]):
+            dense = slots[valid[b] & (region[b] < 0)]
+            self._append_dense(b, dense)
+            for slot, r, p in zip(slots[visual[b]], region[b][visual[b]], pos[b][visual[b]], strict=True):
+                j = self.region_count[b, r]
+                if j >= self.max_region_tokens:
+                    raise InputError(f"region {r} gets more than max_region_tokens={self.max_region_tokens} tokens: "
+                                     "the prompt layout does not match the export's region grid")
+                self.region_slots[b, r, j] = slot
+                self.region_count[b, r] = j + 1
+                self.region_last[b, r] = max(self.region_last[b, r], p)
         return offset
+
+    def _append_dense(self, b: int, dense: np.ndarray) -> None:
+        n, m = int(self.dense_count[b]), dense.size
+        if n + m > self.dense_slots.shape[1]:  # grow (rare: every DENSE_STEP dense tokens); backends rebind
+            width = -(-(n + m) // self.DENSE_STEP) * self.DENSE_STEP
+            grown = np.full((self.dense_slots.shape[0], width), -1, dtype=np.int64)
+            grown[:, : self.dense_slots.shape[1]] = self.dense_slots
+            self.dense_slots = grown
+        self.dense_slots[b, n : n + m] = dense
+        self.dense_count[b] = n + m
 
     def region_counts(self, num_regions: int) -> np.ndarray:
         """Valid slots per region [B, R] (a descriptor is its sum divided by this)."""
-        written = slice(0, self.written)
-        counts = np.zeros((self.pos.shape[0], num_regions), dtype=np.int64)
-        for b in range(counts.shape[0]):
-            regions = self.region[b, written][self.valid[b, written] & (self.region[b, written] >= 0)]
-            counts[b] = np.bincount(regions, minlength=num_regions)[:num_regions]
-        return counts
+        return self.region_count[:, :num_regions]
+
+    def tables(self) -> dict[str, np.ndarray]:
+        """The node's layout inputs by decoder input name (docs/ONNX_CONTRACT.md)."""
+        return {"slot_pos": self.pos, "slot_valid": self.valid, "slot_region": self.region, "slot_image": self.image,
+                "dense_slots": self.dense_slots, "region_slots": self.region_slots,
+                "region_count": self.region_count, "region_last": self.region_last}
 
 
 @dataclass
@@ -111,6 +161,7 @@ class PromptLayout:
     valid: np.ndarray
     order: np.ndarray  # [B, T]: column t of this layout is column order[b, t] of the prompt
     image_block: np.ndarray  # [B, T] image number of a visual token, -1 otherwise
+    image: np.ndarray  # [B, T] image number of a visual or context token, -1 otherwise (slot_image)
 
     def split_points(self, chunk: int) -> list[int]:
         """Prefill chunk ends, each at most `chunk` tokens on, moved past any image that would be cut.
@@ -134,18 +185,30 @@ class PromptLayout:
 
 
 def lay_out_prompt(ids: np.ndarray, mask: np.ndarray, shape: ModelShape, image_token_id: int,
-                   region_major: bool = True) -> PromptLayout:
-    """Positions and regions of left-padded prompts [B, T] (TokenLayout's rule), optionally region-major."""
+                   region_major: bool = True, frames: np.ndarray | None = None) -> PromptLayout:
+    """Positions, regions, image indices and validity of left-padded prompts [B, T], optionally region-major.
+
+    The rule of model.modeling.TokenLayout: a valid token's position is the count of valid tokens
+    before it; visual token j of image (or frame) n has region n * regions_per_image + map[j], except
+    that with `region_frames` rt > 1 the frames of a video (`frames[b]`) share regions rt at a time
+    (frame n: region (n // rt) * regions_per_image + map[j]). A visual token and the context tokens
+    that follow its image carry the image index n (`slot_image`), everything else -1.
+    """
     valid = mask.astype(bool)
     pos = np.clip(np.cumsum(valid, 1) - 1, 0, None)
     is_image = (ids == image_token_id) & valid
-    index = np.clip(np.cumsum(is_image, 1) - 1, 0, None)
+    seen = np.cumsum(is_image, 1)  # image tokens up to and including this one
+    index = np.clip(seen - 1, 0, None)
     tpi = shape.tokens_per_image
     image_no = np.where(is_image, index // tpi, -1)
     if is_image.any() and int(image_no.max()) >= shape.max_images:
         raise InputError(f"a prompt holds {int(image_no.max()) + 1} images or frames; this export takes at most "
                          f"{shape.max_images} (gaze export --max-images)")
-    region = np.where(is_image, image_no * shape.regions_per_image + shape.region_of_token()[index % tpi], -1)
+    video = np.zeros(ids.shape[0], dtype=bool) if frames is None else np.asarray(frames, dtype=bool)
+    group = np.where(video[:, None], image_no // max(shape.region_frames, 1), image_no)
+    region = np.where(is_image, group * shape.regions_per_image + shape.region_of_token()[index % tpi], -1)
+    is_context = np.isin(ids, np.asarray(shape.context_token_ids, dtype=ids.dtype)) & valid
+    image = np.where(is_image, image_no, np.where(is_context, seen // tpi - 1, -1))
     columns = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
     if region_major:
         # Each image keeps its columns; within them its tokens are sorted by region (stable: row-major inside).
@@ -162,4 +225,4 @@ def lay_out_prompt(ids: np.ndarray, mask: np.ndarray, shape: ModelShape, image_t
     def take(a: np.ndarray) -> np.ndarray:
         return np.take_along_axis(a, order, 1)
 
-    return PromptLayout(take(ids), take(pos), take(region), take(valid), order, take(image_no))
+    return PromptLayout(take(ids), take(pos), take(region), take(valid), order, take(image_no), take(image))

@@ -1,16 +1,20 @@
-"""`gaze caption` and `gaze profile` (the lead wires add_caption_parser / add_profile_parser into gaze_edge/cli.py).
+"""`gaze caption` and `gaze profile`: the parsers gaze_edge/cli.py adds, and what they run.
 
-Neither imports torch. Errors are GazeError subclasses: gaze_edge.cli prints the message
-and exits non-zero.
+Neither imports torch. Every option is checked while parsing (gaze_edge/cli_args.py); errors
+are GazeError subclasses, which gaze_edge.cli prints as one line (exit codes: docs/CLI.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from gaze_edge import cli_args as ca
+from gaze_edge.atomic import replace_file
 
 from .generate import GazeRuntime, Prompt
 from .sampling import SamplingConfig
@@ -19,7 +23,7 @@ from .sampling import SamplingConfig
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("export", type=Path, help="export folder written by `gaze export`")
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the backend")
+    p.add_argument("--threads", type=ca.threads, default=None, help="intra-op threads of the backend (1 .. 1024)")
 
 
 def add_caption_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -27,17 +31,20 @@ def add_caption_parser(subparsers: Any) -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("images", type=Path, nargs="+", help="image files (all in one prompt)")
     p.add_argument("--frames", action="store_true", help="the images are frames of one video, in order")
-    p.add_argument("--prompt", default=None, help="user text (default: 'describe the image .')")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompt", type=ca.text, default=None, help="user text (default: 'describe the image .')")
+    p.add_argument("--max-new-tokens", type=ca.int_in(1, 1 << 20), default=32)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token (repeatable)")
+    p.add_argument("--temperature", type=ca.number_in(0, math.inf), default=1.0, help=">= 0 (0: greedy)")
+    p.add_argument("--top-k", type=ca.non_negative_int, default=0, help="0: off")
+    p.add_argument("--top-p", type=ca.number_in(0, 1, low_open=True), default=1.0, help="in (0, 1]; 1: off")
+    p.add_argument("--repetition-penalty", type=ca.number_in(0, math.inf, low_open=True), default=1.0,
+                   help="> 0 (1: off)")
+    p.add_argument("--seed", type=ca.seed, default=None, help=f"0 .. {ca.MAX_SEED}")
+    p.add_argument("--stop-token-id", type=ca.non_negative_int, action="append", default=[],
+                   help="extra stop token (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
-    p.add_argument("--gaze-map", type=Path, default=None, help="write a PNG of the regions selected per word")
+    p.add_argument("--gaze-map", type=ca.output_file(".png"), default=None,
+                   help="write a PNG of the regions selected per word")
     p.set_defaults(func=run_caption)
     return p
 
@@ -53,6 +60,9 @@ def run_caption(args: argparse.Namespace) -> int:
     sampling.check()
     images = [load_image(p) for p in args.images]  # every file checked before the model loads
     rt = GazeRuntime.load(args.export, backend=args.backend, threads=args.threads)
+    sampling.check(rt.shape.vocab_size)  # stop token ids inside the vocabulary
+    # The least the cache can need (the images, the new tokens): refused before it is allocated.
+    rt.folder.check_fits(1, len(images) * rt.shape.tokens_per_image + args.max_new_tokens)
     want_map = args.gaze_map is not None
     words: list[str] = []
     weights: list[Any] = []
@@ -86,20 +96,25 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("profile", help="latency, KV bytes, memory and a Jetson roofline projection")
     _common(p)
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--images", type=int, default=1, help="images per prompt")
-    group.add_argument("--frames", type=int, default=0, help="video frames per prompt (instead of images)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here ('-': stdout only)")
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG of the roofline projection")
+    group.add_argument("--images", type=ca.int_in(1, 1024), default=1, help="images per prompt")
+    group.add_argument("--frames", type=ca.int_in(1, 1024), default=0,
+                       help="video frames per prompt (instead of images)")
+    p.add_argument("--batch", type=ca.int_in(1, 4096), default=1)
+    p.add_argument("--new-tokens", type=ca.int_in(1, 1 << 20), default=32)
+    p.add_argument("--json", type=ca.output_file(".json", stdout=True), default=None,
+                   help="also write the report as JSON here ('-': stdout only)")
+    p.add_argument("--plot", type=ca.output_file(".png"), default=None, help="write a PNG of the roofline projection")
     p.set_defaults(func=run_profile)
     return p
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from .profile import format_table, plot, profile
+    from .profile import check_profile_args, format_table, plot, profile
 
+    if args.plot is not None:
+        ca.require("profile --plot", ("matplotlib",))  # before the run, not after it
     rt = GazeRuntime.load(args.export, backend=args.backend, threads=args.threads)
+    check_profile_args(rt, images=args.images, frames=args.frames, batch=args.batch, new_tokens=args.new_tokens)
     report = profile(rt, images=args.images, frames=args.frames, batch=args.batch, new_tokens=args.new_tokens)
     if args.json is not None and str(args.json) == "-":
         json.dump(report, sys.stdout, indent=2)
@@ -107,7 +122,7 @@ def run_profile(args: argparse.Namespace) -> int:
     else:
         print(format_table(report))
         if args.json is not None:
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            replace_file(args.json, (json.dumps(report, indent=2) + "\n").encode())
     if args.plot is not None:
         plot(report, str(args.plot))
     return 0

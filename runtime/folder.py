@@ -4,29 +4,137 @@
 there and that the config is self-consistent, and builds the torch-free GazeProcessor
 from the copied tokenizer/preprocessor files. A missing or mismatched folder raises
 ExportFolderError saying which file or field is wrong and what to do.
+
+The folder is a sandbox: every file the runtime opens is resolved inside it. A symbolic link
+anywhere in the folder whose target lies outside it, and a file name in gaze_config.json that
+is absolute or has a `..` part, are refused by name. Sizes in gaze_config.json must be
+positive integers, and what any caption surely allocates (KV cache for the shortest prompt and
+one new token, descriptor sums for every region) must fit this machine's memory.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gaze_edge.errors import CheckpointError, GazeError
+from gaze_edge.cli_args import gib, total_memory_bytes
+from gaze_edge.errors import CheckpointError, GazeError, InputError
 from gaze_edge.jsonfile import read_json_object
 from gaze_edge.model.processing import GazeProcessor
 from gaze_edge.reference import region_index_map
 
 FORMAT = "gaze-edge-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: GazeAttention v2 (runtime-owned layout tables, routing, context_attention)
 DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float16": np.float16}
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
 
 
+MAX_SIZE = 2**31 - 1  # every size in gaze_config.json: int32-safe (ONNX dims, numpy shapes)
+CONFIG_FILE = "gaze_config.json"
+
+
 class ExportFolderError(GazeError):
     """An export folder is missing, incomplete, or does not match what the runtime expects."""
+
+
+def sequence_bytes(num_layers: int, kv_heads: int, head_dim: int, itemsize: int, capacity: int,
+                   num_regions: int) -> int:
+    """Cache bytes of one sequence (CacheSpec's formula, batch 1): K and V at `capacity` slots, fp32 descriptors."""
+    kv = 2 * num_layers * kv_heads * capacity * head_dim * itemsize
+    return kv + num_layers * kv_heads * num_regions * head_dim * 4
+
+
+def _resolve_inside(root: Path, name: Any, what: str) -> Path:
+    """root / name for a file name read from gaze_config.json; ExportFolderError if it could leave root."""
+    config = root / CONFIG_FILE
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ExportFolderError(f"{config}: {what} {name!r} is not a file name; re-run `gaze export`")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ExportFolderError(f"{config} names {what} {name!r}: an absolute path or one with '..' could read "
+                                "outside the export folder, and the runtime reads only files inside it; write a "
+                                "file name relative to the folder (or re-run `gaze export`)")
+    path = root / name
+    target, base = path.resolve(), root.resolve()
+    if not target.is_relative_to(base):
+        raise ExportFolderError(f"{path} ({what}) resolves to {target}, outside the export folder {base}; the "
+                                "runtime reads only files inside it: copy the file into the folder")
+    return path
+
+
+def check_links(root: Path) -> None:
+    """Every symbolic link inside `root` (at any depth) must point inside `root`; else ExportFolderError."""
+    base = root.resolve()
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(base):
+                    raise ExportFolderError(f"{path} is a symbolic link to {target}, outside the export folder "
+                                            f"{base}; the runtime reads only files inside it: replace the link by "
+                                            "a copy of the file")
+
+
+def _processor(path: Path) -> GazeProcessor:
+    try:
+        return GazeProcessor.from_pretrained(path)
+    except CheckpointError as exc:
+        raise ExportFolderError(f"{path}: {exc}") from exc
+
+
+def _int(value: Any, name: str, low: int = 1, high: int = MAX_SIZE) -> int:
+    """A JSON integer in [low, high] (not a bool, not a float); ValueError naming the field otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low} .. {high}, got {value}")
+    return value
+
+
+#: Every size field of gaze_config.json (path of keys, least value); each must be an integer up to MAX_SIZE.
+SIZE_FIELDS = (
+    (("model", "vocab_size"), 1), (("model", "hidden_size"), 1), (("model", "num_hidden_layers"), 1),
+    (("model", "num_attention_heads"), 1), (("model", "num_key_value_heads"), 1), (("model", "head_dim"), 1),
+    (("model", "decoder", "kv_cache", "max_seq_len"), 2), (("model", "decoder", "descriptors", "num_regions"), 1),
+    (("model", "vision", "image_size"), 1), (("model", "vision", "tokens_per_image"), 1),
+    (("gaze", "regions_per_image"), 1), (("gaze", "max_images"), 1), (("gaze", "num_context_tokens"), 0),
+)
+
+
+def _check_sizes(config: dict[str, Any]) -> None:
+    """Sizes are integers in range before anything is computed from them (a float or 1e30 allocates nonsense)."""
+    for keys, low in SIZE_FIELDS:
+        value: Any = config
+        for key in keys:
+            value = value[key]
+        _int(value, ".".join(keys), low)
+    gaze = config["gaze"]
+    for name in ("grid", "region_size"):
+        if not isinstance(gaze[name], list) or len(gaze[name]) != 2:
+            raise ValueError(f"gaze.{name} must be two integers, got {gaze[name]!r}")
+        for v in gaze[name]:
+            _int(v, f"gaze.{name}")
+    for k in gaze["top_k_per_layer"]:
+        _int(k, "gaze.top_k_per_layer")
+    vocab = config["model"]["vocab_size"]
+    for name, value in config["special_tokens"].items():
+        _int(value, f"special_tokens.{name}", 0, vocab - 1)
+
+
+def _check_search(search: dict[str, Any]) -> None:
+    """The export's sampling defaults are finite and in range (a nan temperature samples garbage)."""
+    for name, low, high in (("temperature", 0.0, math.inf), ("top_p", 0.0, 1.0),
+                            ("repetition_penalty", 0.0, math.inf)):
+        value = search.get(name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not low <= value <= high:
+            raise ValueError(f"search.{name} must be a finite number in [{low}, {high}], got {value!r}")
+    _int(search.get("top_k", 0), "search.top_k", 0)
 
 
 @dataclass(frozen=True)
@@ -50,6 +158,15 @@ class ModelShape:
     max_images: int
     top_k_per_layer: tuple[int, ...]
     num_context_tokens: int
+    context_token_ids: tuple[int, ...] = ()
+    routing: str = "kv_head"
+    context_attention: str = "causal"
+    region_frames: int = 1  # video frames per region (the same rectangle in rt consecutive frames)
+
+    @property
+    def max_region_tokens(self) -> int:
+        """M: the most tokens one region holds (rh * rw * region_frames)."""
+        return self.region_size[0] * self.region_size[1] * self.region_frames
 
     @property
     def itemsize(self) -> int:
@@ -82,15 +199,15 @@ class ExportFolder:
 
     @property
     def decoder_path(self) -> Path:
-        return self.path / self.config["model"]["decoder"]["filename"]
+        return self.file(self.config["model"]["decoder"]["filename"], "the decoder file")
 
     @property
     def vision_path(self) -> Path:
-        return self.path / self.config["model"]["vision"]["filename"]
+        return self.file(self.config["model"]["vision"]["filename"], "the vision file")
 
     @property
     def embedding_path(self) -> Path:
-        return self.path / self.config["model"]["embedding"]["filename"]
+        return self.file(self.config["model"]["embedding"]["filename"], "the embedding file")
 
     @property
     def has_gaze_queries(self) -> bool:
@@ -104,7 +221,8 @@ class ExportFolder:
             raise ExportFolderError(f"export folder {path} does not exist; create it with `gaze export CKPT -o {path}`")
         if not path.is_dir():
             raise ExportFolderError(f"{path} is not a folder; pass the folder `gaze export` wrote")
-        config_file = path / "gaze_config.json"
+        check_links(path)
+        config_file = path / CONFIG_FILE
         if not config_file.is_file():
             raise ExportFolderError(f"{path} has no gaze_config.json: it is not an export folder "
                                     f"(a checkpoint? run `gaze export {path} -o OUT` first)")
@@ -117,28 +235,46 @@ class ExportFolder:
         for name in COPIED_FILES:
             if not (path / name).is_file():
                 raise ExportFolderError(f"{path} has no {name}: the export is incomplete; re-run `gaze export`")
-        try:
-            processor = GazeProcessor.from_pretrained(path)
-        except CheckpointError as exc:
-            raise ExportFolderError(f"{path}: {exc}") from exc
+        processor = _processor(path)
         return cls.from_config(path, config, processor)
 
     @classmethod
     def from_config(cls, path: Path, config: dict[str, Any], processor: GazeProcessor) -> ExportFolder:
         """A folder of graphs described by an in-memory runtime config (export validation uses this)."""
         try:
+            _check_sizes(config)
             shape, tokens = _parse_shape(config), _parse_tokens(config)
-            names = [config["model"][part]["filename"] for part in ("decoder", "vision", "embedding")]
+            names = {part: config["model"][part]["filename"] for part in ("decoder", "vision", "embedding")}
             search = dict(config["search"])
+            _check_search(search)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ExportFolderError(f"{path / 'gaze_config.json'} is missing or has a bad field ({exc!r}); "
+            raise ExportFolderError(f"{path / CONFIG_FILE} is missing or has a bad field ({exc!r}); "
                                     "re-run `gaze export`") from exc
-        for name in names:
-            if not (path / name).is_file():
+        check_links(path)
+        for part, name in names.items():
+            if not _resolve_inside(path, name, f"the {part} file").is_file():
                 raise ExportFolderError(f"{path} has no {name}: the export is incomplete; re-run `gaze export`")
         folder = cls(path, config, shape, tokens, search, processor)
         folder._check_consistent()
         return folder
+
+    def file(self, name: str, what: str = "file") -> Path:
+        """`name` inside the folder (relative, no '..', no link out of it): the only way files are opened."""
+        return _resolve_inside(self.path, name, what)
+
+    def shortest_prompt_tokens(self) -> int:
+        """Tokens of the default prompt with one image: the least any caption needs (plus one new token)."""
+        return len(self.processor.encode(self.processor.prompt(num_images=1)))
+
+    def check_fits(self, batch: int, capacity: int) -> None:
+        """InputError if B sequences of `capacity` cache slots would need more memory than this machine has."""
+        s = self.shape
+        need = batch * sequence_bytes(s.num_layers, s.kv_heads, s.head_dim, s.itemsize, capacity, s.num_regions)
+        have = total_memory_bytes()
+        if have is not None and need > have:
+            raise InputError(f"{batch} sequence(s) of {capacity} cache slots need {gib(need)} of KV cache and "
+                             f"descriptors; this machine has {gib(have)}: use a smaller batch, fewer images or "
+                             "fewer new tokens")
 
     def _check_consistent(self) -> None:
         """Cross-check the processor, the embedding table and the config (a folder assembled from two exports)."""
@@ -166,6 +302,18 @@ class ExportFolder:
         if problems:
             raise ExportFolderError(f"{self.path} is inconsistent: " + "; ".join(problems)
                                     + ". Its files come from different exports: re-run `gaze export`")
+        shortest = self.shortest_prompt_tokens()
+        if s.max_seq_len < shortest + 1:
+            raise ExportFolderError(f"{self.path} holds {s.max_seq_len} tokens per sequence (max_seq_len), less than "
+                                    f"one prompt: the default prompt with one image is {shortest} tokens plus one "
+                                    f"new token; re-export with --max-seq-len {shortest + 32} or more")
+        need = sequence_bytes(s.num_layers, s.kv_heads, s.head_dim, s.itemsize, shortest + 1, s.num_regions)
+        have = total_memory_bytes()
+        if have is not None and need > have:
+            raise ExportFolderError(f"{self.path / CONFIG_FILE} sizes need {gib(need)} of cache for even the "
+                                    f"shortest caption (layers {s.num_layers}, KV heads {s.kv_heads}, head_dim "
+                                    f"{s.head_dim}, regions {s.num_regions}); this machine has {gib(have)}: check "
+                                    "those sizes, or re-export with fewer --max-images")
 
 
 def _parse_shape(config: dict[str, Any]) -> ModelShape:
@@ -196,7 +344,18 @@ def _parse_shape(config: dict[str, Any]) -> ModelShape:
         max_images=int(gaze["max_images"]),
         top_k_per_layer=top_k,
         num_context_tokens=int(gaze["num_context_tokens"]),
+        context_token_ids=tuple(int(i) for i in gaze.get("context_token_ids", ())),
+        routing=_choice(gaze, "routing", ("kv_head", "query_head")),
+        context_attention=_choice(gaze, "context_attention", ("causal", "own_image")),
+        region_frames=int(gaze["region_frames"]),
     )
+
+
+def _choice(block: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    value = block[key]
+    if value not in allowed:
+        raise ValueError(f"gaze.{key} {value!r} is not one of {list(allowed)}")
+    return str(value)
 
 
 def _parse_tokens(config: dict[str, Any]) -> SpecialTokens:

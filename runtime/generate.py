@@ -21,12 +21,16 @@ from gaze_edge.errors import InputError
 
 from .backend import Backend, create_backend
 from .cache import CacheSpec, SlotState, lay_out_prompt
+from .conversation import assistant_gaze_mask
+from .detok import StreamDetokenizer
 from .folder import ExportFolder
-from .images import load_image
+from .media import load_image_input
 from .sampling import Sampler, SamplingConfig
 from .selection import select_from_cache
 
-ImageLike = Image.Image | np.ndarray | str | Path
+ImageLike = Image.Image | np.ndarray | str | Path | bytes
+#: Prefill tokens per decoder call when the caller does not say (bounds the [heads, chunk, context] scores).
+DEFAULT_PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -36,6 +40,9 @@ class Prompt:
     text: str | None = None
     images: Sequence[ImageLike] = ()
     frames: bool = False  # the images are video frames (changes only the default text)
+    # A whole conversation in chat-template form instead of `text` (runtime/chat.py, runtime/server.py):
+    # its {"type": "image"} parts take `images` in order.
+    messages: Sequence[dict[str, Any]] | None = None
 
     def resolved_text(self) -> str:
         if self.text is not None:
@@ -88,31 +95,6 @@ class Generation:
     spec: CacheSpec
 
 
-class _Detokenizer:
-    """Streamed text: each step's piece is what decoding all ids so far adds (right for BPE and word-level)."""
-
-    def __init__(self, processor: Any, batch: int) -> None:
-        self.processor = processor
-        self.ids: list[list[int]] = [[] for _ in range(batch)]
-        self.text = [""] * batch
-
-    def push(self, tokens: np.ndarray, done: np.ndarray) -> list[str]:
-        pieces = []
-        for b, token in enumerate(tokens.tolist()):
-            if done[b]:
-                pieces.append("")
-                continue
-            self.ids[b].append(int(token))
-            text = self.processor.decode(self.ids[b])
-            # A piece may end inside a multi-byte character (BPE); hold it back until it completes.
-            if text.endswith("\ufffd"):
-                pieces.append("")
-                continue
-            pieces.append(text[len(self.text[b]):] if text.startswith(self.text[b]) else text)
-            self.text[b] = text
-        return pieces
-
-
 @dataclass
 class _Prefilled:
     ids: np.ndarray
@@ -142,9 +124,10 @@ class GazeRuntime:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | None = None,
-             region_major: bool = True, provider: str | None = None) -> GazeRuntime:
+             region_major: bool = True, provider: str | None = None, spinning: bool = True) -> GazeRuntime:
         folder = ExportFolder.open(path)
-        return cls(folder, create_backend(backend, folder, threads=threads, provider=provider), region_major)
+        return cls(folder, create_backend(backend, folder, threads=threads, provider=provider, spinning=spinning),
+                   region_major)
 
     # ------------------------------------------------------------------ inputs
 
@@ -155,6 +138,10 @@ class GazeRuntime:
         texts: list[str] = []
         images: list[ImageLike] = []
         for p in prompts:
+            if p.messages is not None:
+                texts.append(self.processor.apply_chat_template(list(p.messages)))
+                images.extend(p.images)
+                continue
             text = p.resolved_text()
             if not text.strip() and not p.images:
                 raise InputError("the prompt is empty: give a text or at least one image")
@@ -170,7 +157,7 @@ class GazeRuntime:
         return ids, mask, images
 
     def _pixels(self, images: Sequence[ImageLike]) -> np.ndarray:
-        loaded = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
+        loaded = [load_image_input(i) for i in images]  # paths, data: URIs, bytes, PIL, uint8 arrays
         return self.processor.preprocess(loaded)
 
     def _embed(self, ids: np.ndarray, visual: np.ndarray | None) -> np.ndarray:
@@ -184,13 +171,18 @@ class GazeRuntime:
     # ------------------------------------------------------------------ the loop
 
     def _prefill(self, prompts: Sequence[Prompt], capacity_extra: int, prefill_chunk: int | None,
-                 timings: Timings, keep_logits: bool = False) -> _Prefilled:
-        """Encode, check, allocate and run the prompt through the decoder (chunked)."""
+                 timings: Timings, keep_logits: bool = False, gaze_replies: bool = True) -> _Prefilled:
+        """Encode, check, allocate and run the prompt through the decoder, in chunks of at most
+        `prefill_chunk` tokens (DEFAULT_PREFILL_CHUNK when None; never cut inside an image).
+
+        The chunk bounds prefill memory: causal attention over a chunk holds [heads, chunk, context] scores.
+        """
         start = time.perf_counter()
         ids, mask, images = self.encode(prompts)
         batch, length = ids.shape
         # Everything that can be refused is checked here, before a single cache byte exists.
-        layout = lay_out_prompt(ids, mask, self.shape, self.folder.tokens.image, self.region_major)
+        frames = np.array([p.frames for p in prompts], dtype=bool)
+        layout = lay_out_prompt(ids, mask, self.shape, self.folder.tokens.image, self.region_major, frames)
         spec = CacheSpec.plan(self.shape, batch, length + capacity_extra)
         expected_images = int(((ids == self.folder.tokens.image) & (mask > 0)).sum()) // self.shape.tokens_per_image
         if expected_images != len(images):
@@ -201,15 +193,20 @@ class GazeRuntime:
         visual = self.backend.vision(pixels) if pixels is not None else None
         timings.vision_s = time.perf_counter() - t
         embeds = np.take_along_axis(self._embed(ids, visual), layout.order[..., None], 1)
+        # Earlier assistant replies in a conversation are gaze queries, as when generated (runtime/conversation.py).
+        gaze = np.take_along_axis(assistant_gaze_mask(ids, mask, self.folder.tokens.assistant, self.folder.tokens.eos),
+                                  layout.order, 1) & gaze_replies
 
-        slots = SlotState(batch, spec.capacity)
+        slots = SlotState(batch, spec.capacity, self.shape.num_regions, self.shape.max_region_tokens)
         self.backend.allocate(spec, slots)
         t = time.perf_counter()
         begin, parts = 0, []
-        for end in layout.split_points(prefill_chunk or length):
+        for end in layout.split_points(prefill_chunk or DEFAULT_PREFILL_CHUNK):
             cut = slice(begin, end)
-            offset = slots.write(layout.pos[:, cut], layout.region[:, cut], layout.valid[:, cut])
-            logits = self.backend.decode(embeds[:, cut], np.zeros((batch, end - begin), dtype=bool), offset)
+            offset = slots.write(layout.pos[:, cut], layout.region[:, cut], layout.valid[:, cut], layout.image[:, cut])
+            # Logits of the last column only, unless every prompt position is asked for (validation).
+            columns = np.arange(end - begin) if keep_logits else None
+            logits = self.backend.decode(embeds[:, cut], gaze[:, cut], offset, columns)
             if keep_logits:
                 parts.append(np.array(logits, dtype=np.float32))
             begin = end
@@ -235,8 +232,15 @@ class GazeRuntime:
 
     def stream(self, prompts: Sequence[Prompt] | Prompt, sampling: SamplingConfig | None = None, *,
                prefill_chunk: int | None = None, with_selection: bool = False,
-               timings: Timings | None = None) -> Iterator[Step]:
-        """Yield one Step per generated token until every sequence stopped or max_new_tokens."""
+               timings: Timings | None = None, prefilled: _Prefilled | None = None,
+               gaze: bool = True) -> Iterator[Step]:
+        """Yield one Step per generated token until every sequence stopped or max_new_tokens.
+
+        `gaze=False` runs the decode steps as dense queries (causal attention over every cached token):
+        the same model without gaze, for comparisons (with top_k >= R the two are the same function).
+
+        `prefilled`: a prompt already in the cache (runtime/chat.py appends a turn to it), used instead of `prompts`.
+        """
         prompts = [prompts] if isinstance(prompts, Prompt) else list(prompts)
         sampling = sampling or self.default_sampling
         sampling.check()
@@ -244,7 +248,8 @@ class GazeRuntime:
             raise InputError(f"{self.folder.path} was exported without gaze query outputs; re-export with "
                              "`gaze export CKPT -o OUT --gaze-map-outputs` to draw gaze maps")
         timings = timings if timings is not None else Timings()
-        state = self._prefill(prompts, sampling.max_new_tokens, prefill_chunk, timings)
+        state = prefilled or self._prefill(prompts, sampling.max_new_tokens, prefill_chunk, timings,
+                                           gaze_replies=gaze)
         slots, last, batch = state.slots, state.last, state.ids.shape[0]
 
         sampler = Sampler(sampling, batch, self.shape.vocab_size, self.suppress_ids)
@@ -255,11 +260,11 @@ class GazeRuntime:
         next_pos = state.mask.sum(1).astype(np.int64)
         # Per-step buffers, allocated once: a decode step allocates nothing the size of the cache.
         step_embeds = np.zeros((batch, 1, self.shape.hidden_size), dtype=self.shape.dtype)
-        gaze = np.ones((batch, 1), dtype=bool)
+        gaze_flags = np.full((batch, 1), gaze, dtype=bool)
         dense_region = np.full((batch, 1), -1, dtype=np.int64)
         ones = np.ones((batch, 1), dtype=bool)
         selection: list[np.ndarray] | None = None
-        detok = _Detokenizer(self.processor, batch)
+        detok = StreamDetokenizer(self.processor.tokenizer, batch)
         finished_before = finished.copy()
         for index in range(sampling.max_new_tokens):
             token = sampler(last)
@@ -277,7 +282,7 @@ class GazeRuntime:
             step_embeds[:, 0] = self.embed_table[token]
             offset = slots.write(next_pos[:, None], dense_region, ones)
             next_pos += 1
-            last = self.backend.decode(step_embeds, gaze, offset)[:, -1].astype(np.float32)
+            last = self.backend.decode(step_embeds, gaze_flags, offset)[:, -1].astype(np.float32)
             if with_selection:
                 selection = self._selection(slots, next_pos - 1)
             timings.step_s.append(time.perf_counter() - t)
@@ -286,9 +291,9 @@ class GazeRuntime:
     def _selection(self, slots: SlotState, query_pos: np.ndarray) -> list[np.ndarray]:
         queries = self.backend.gaze_queries()
         assert queries is not None
-        counts = slots.region_counts(self.shape.num_regions)
-        return [select_from_cache(queries[i][:, :, -1], self.backend.descriptor_sums(i), counts, slots, query_pos,
-                                  self.shape.top_k_per_layer[i]) for i in range(self.shape.num_layers)]
+        return [select_from_cache(queries[i][:, :, -1], self.backend.descriptor_sums(i), slots, query_pos,
+                                  self.shape.top_k_per_layer[i], self.shape.routing)
+                for i in range(self.shape.num_layers)]
 
     def generate(self, prompts: Sequence[Prompt] | Prompt, sampling: SamplingConfig | None = None, *,
                  prefill_chunk: int | None = None, with_selection: bool = False) -> Generation:
@@ -304,6 +309,6 @@ class GazeRuntime:
     def caption(self, images: Sequence[ImageLike] | ImageLike, prompt: str | None = None,
                 sampling: SamplingConfig | None = None, frames: bool = False) -> str:
         """The caption of one image (or of several images / frames in one prompt)."""
-        if isinstance(images, (str, Path, np.ndarray, Image.Image)):
+        if isinstance(images, (str, Path, bytes, np.ndarray, Image.Image)):
             images = [images]
         return self.generate(Prompt(prompt, list(images), frames), sampling).texts[0]

@@ -3,8 +3,8 @@
 KV bytes read are computed from the cache layout and the per-layer top_k: a gaze step
 reads the dense tokens (text, context), the k selected regions' tokens and the R
 descriptors; dense (top_k = R) reads every token. Weights are read once per step. The
-roofline divides bytes per step by each Jetson board's datasheet bandwidth
-(ARCHITECTURE.md): a projection, not a measurement.
+roofline divides bytes per step by each Jetson board's datasheet memory bandwidth: a
+projection, not a measurement.
 """
 
 from __future__ import annotations
@@ -19,27 +19,31 @@ from .folder import ModelShape
 from .generate import GazeRuntime, Prompt, Timings
 from .sampling import SamplingConfig
 
-#: Datasheet memory bandwidth (GB/s) of the Jetson targets (shared/ARCHITECTURE.md).
+#: Datasheet memory bandwidth (GB/s) of the Jetson targets (NVIDIA's Jetson module datasheets).
 JETSON_BANDWIDTH_GBPS = {"Orin Nano 8GB": 68.0, "Orin Nano 8GB Super": 102.0, "Orin NX 16GB": 102.0,
                          "AGX Orin 64GB": 204.8, "AGX Thor": 273.0}
 
 
 def kv_bytes_per_step(shape: ModelShape, batch: int, images: int, context_len: float,
-                      top_k_per_layer: Sequence[float] | None = None) -> dict[str, int]:
+                      top_k_per_layer: Sequence[float] | None = None, frames: bool = False) -> dict[str, int]:
     """KV (+ descriptor) bytes one decode step reads at a context of context_len tokens, gaze and dense.
 
+    A gaze step reads the dense tokens, the k selected regions' tokens (per KV head, or per query
+    head with `query_head` routing) and the R descriptors; a dense step reads every token.
     ``top_k_per_layer`` defaults to the export's (gaze calibrate asks about other budgets).
     """
     s = shape
     visual = images * s.tokens_per_image
     dense_tokens = context_len - visual
     per_token = 2 * s.head_dim * s.itemsize * s.kv_heads  # key + value of all KV heads, one layer
-    region_tokens = s.region_size[0] * s.region_size[1]
-    regions = images * s.regions_per_image
+    rt = s.region_frames if frames else 1
+    region_tokens = s.region_size[0] * s.region_size[1] * rt
+    regions = -(-images // rt) * s.regions_per_image
+    readers = s.num_heads // s.kv_heads if s.routing == "query_head" else 1
     gaze = dense = 0.0
     for k in s.top_k_per_layer if top_k_per_layer is None else top_k_per_layer:
         kept = min(min(k, regions) * region_tokens, visual)
-        gaze += per_token * (dense_tokens + kept) + s.kv_heads * regions * s.head_dim * 4
+        gaze += per_token * (dense_tokens + readers * kept) + s.kv_heads * regions * s.head_dim * 4
         dense += per_token * context_len
     return {"gaze": int(round(gaze * batch)), "dense": int(round(dense * batch))}
 
@@ -69,6 +73,25 @@ def gpu_memory() -> dict[str, Any] | None:
         return None
 
 
+def check_profile_args(rt: GazeRuntime, images: int = 1, frames: int = 0, batch: int = 1,
+                       new_tokens: int = 32) -> None:
+    """InputError for a profile request this export cannot run or this machine cannot hold, before any work."""
+    from gaze_edge.errors import InputError
+
+    count = frames or images
+    for name, value in (("images" if not frames else "frames", count), ("batch", batch), ("new tokens", new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+    if count > rt.shape.max_images:
+        raise InputError(f"{count} {'frames' if frames else 'images'} per prompt; this export takes at most "
+                         f"{rt.shape.max_images} (gaze export --max-images)")
+    least = count * rt.shape.tokens_per_image + new_tokens
+    if least > rt.shape.max_seq_len:
+        raise InputError(f"{count} images and {new_tokens} new tokens need more than {least} cache slots; this "
+                         f"export holds {rt.shape.max_seq_len}: use fewer --new-tokens or images")
+    rt.folder.check_fits(batch, least)
+
+
 def profile(rt: GazeRuntime, images: int = 1, frames: int = 0, batch: int = 1, new_tokens: int = 32,
             seed: int = 0) -> dict[str, Any]:
     """Run one batch and report timings, bytes, memory and the roofline projection."""
@@ -85,7 +108,7 @@ def profile(rt: GazeRuntime, images: int = 1, frames: int = 0, batch: int = 1, n
     assert spec is not None
     prompt_len = spec.capacity - new_tokens
     context = prompt_len + len(steps) - 1
-    kv = kv_bytes_per_step(rt.shape, batch, count, context)
+    kv = kv_bytes_per_step(rt.shape, batch, count, context, frames=bool(frames))
     memory = rt.backend.memory()
     peak = peak_rss_bytes()
     # Whatever the run added at its peak beyond the cache buffers: activations, ORT arenas, logits buffers.

@@ -8,12 +8,31 @@ reproduces a run here; it does not reproduce torch.multinomial's stream.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from gaze_edge.errors import InputError
+from gaze_edge.errors import InputError, RunError
+
+MAX_SEED = 2**64 - 1
+
+
+def _number(value: Any, name: str, rule: str, ok: Callable[[float], bool]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InputError(f"{name} must be a number {rule}, got {value!r}")
+    if not math.isfinite(float(value)) or not ok(float(value)):
+        raise InputError(f"{name} must be a finite number {rule}, got {value!r}")
+
+
+def _int(value: Any, name: str, low: int, note: str = "", high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low} .. {high}"
+        raise InputError(f"{name} must be {bound}{' ' + note if note else ''}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -30,17 +49,18 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # besides eos
     ignore_eos: bool = False  # run exactly max_new_tokens (benchmarks, profiles)
 
-    def check(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+    def check(self, vocab_size: int | None = None) -> None:
+        """InputError naming the first option that is not finite or out of range (before anything runs)."""
+        _int(self.max_new_tokens, "max_new_tokens", 1)
+        _number(self.temperature, "temperature", ">= 0 (0: greedy)", lambda v: v >= 0)
+        _int(self.top_k, "top_k", 0, "(0 disables it)")
+        _number(self.top_p, "top_p", "in (0, 1]", lambda v: 0.0 < v <= 1.0)
+        _number(self.repetition_penalty, "repetition_penalty", "> 0 (1: off)", lambda v: v > 0)
+        if self.seed is not None:
+            _int(self.seed, "seed", 0, f"(numpy takes 0 .. {MAX_SEED})", MAX_SEED)
+        high = MAX_SEED if vocab_size is None else vocab_size - 1
+        for token in self.stop_token_ids:
+            _int(token, "stop token id", 0, "(a token id of the vocabulary)", high)
 
     @property
     def greedy(self) -> bool:
@@ -75,7 +95,7 @@ class Sampler:
     """Picks the next token of each sequence; holds the RNG and the seen-token mask of one generation."""
 
     def __init__(self, config: SamplingConfig, batch: int, vocab: int, suppress_ids: Iterable[int]) -> None:
-        config.check()
+        config.check(vocab)
         self.config = config
         self.rng = np.random.Generator(np.random.PCG64(config.seed))
         self.suppress = np.array(sorted(set(suppress_ids)), dtype=np.int64)
@@ -99,6 +119,9 @@ class Sampler:
         if self.config.greedy:
             return np.asarray(logits.argmax(-1), dtype=np.int64)
         probs = softmax(filter_logits(logits, self.config.temperature, self.config.top_k, self.config.top_p))
+        if not np.isfinite(probs).all():
+            raise RunError("the model produced non-finite logits (nan or inf), so no token can be sampled; the export "
+                           "is broken or was run out of range: re-run `gaze export`")
         # Inverse-CDF draw: one uniform per sequence, so the stream depends only on the seed and batch size.
         u = np.asarray(self.rng.random(probs.shape[0]))[:, None]
         cdf = np.cumsum(probs, -1)

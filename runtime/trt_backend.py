@@ -181,6 +181,20 @@ class Binding:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
+#: Slot metadata bytes per slot that this backend's binding plan copies (slot_pos, slot_region, slot_valid: the
+#: GazeAttention v1 contract, which is what the plugin in plugins_trt implements).
+SLOT_METADATA_BYTES = 8 + 8 + 1
+
+
+def check_plugin_contract(config: dict[str, Any], where: Path) -> None:
+    """Refuse an export whose GazeAttention plugin version is not the one plugins_trt and this backend implement."""
+    wanted = str(config.get("gaze", {}).get("node", {}).get("plugin_version", ""))
+    if wanted != PLUGIN_VERSION:
+        raise BackendError(f"{where} uses GazeAttention plugin version {wanted or '?'}; the TensorRT plugin and this "
+                           f"backend implement version {PLUGIN_VERSION} (the v2 kernels and plugin are not done yet): "
+                           "run it with the ONNX Runtime backend (--backend onnxruntime)")
+
+
 def kv_buffer(layer: int, kind: str) -> str:
     return f"kv.{layer}.{kind}"
 
@@ -606,6 +620,7 @@ class TrtBackend(Backend):
         super().__init__(folder)
         self.engine_dir = Path(engine_dir) if engine_dir is not None else folder.path / ENGINES_DIR
         # 1. Refuse before loading or allocating anything.
+        check_plugin_contract(folder.config, folder.path)
         trt = import_tensorrt_runtime()
         self.trt = trt
         self.cuda = load_cudart()
@@ -761,20 +776,23 @@ class TrtBackend(Backend):
 
     # ------------------------------------------------------------------ decoder calls
 
-    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int) -> np.ndarray:
+    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int,
+               logits_positions: np.ndarray | None = None) -> np.ndarray:
         if self.spec is None or self.slots is None or self._buffers is None:
             raise InputError("allocate() the cache before calling decode()")
         batch, tokens = embeds.shape[:2]
         if batch != self.spec.batch:
             raise InputError(f"a call of batch {batch} on a cache allocated for batch {self.spec.batch}")
+        # The v1 engines return logits of every column; the columns asked for are picked here.
+        positions = np.array([tokens - 1]) if logits_positions is None else np.asarray(logits_positions)
         if tokens <= self.max_tokens:
-            return self._run(embeds, gaze, write_offset)
+            return np.asarray(self._run(embeds, gaze, write_offset))[:, positions]
         region = self.slots.region[:, write_offset:write_offset + tokens]
         parts, begin = [], 0
         for end in split_prefill(region, self.folder.shape.regions_per_image, self.max_tokens):
             parts.append(np.array(self._run(embeds[:, begin:end], gaze[:, begin:end], write_offset + begin)))
             begin = end
-        return np.concatenate(parts, 1)
+        return np.concatenate(parts, 1)[:, positions]
 
     def _run(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int) -> np.ndarray:
         assert self._buffers is not None

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gaze_edge.export import onnx_export as ox
-from gaze_edge.export.gaze_function import DOMAIN, OP_TYPE
+from gaze_edge.export.gaze_function import CONTEXT_ATTENTION, DOMAIN, OP_TYPE, ROUTING
+from gaze_edge.export.node import DECODER_CALL_INPUTS
 from gaze_edge.export.validate import LayoutConfig, OnnxGazeGenerator, validate_export
 from gaze_edge.model.configuration import GazeConfig
 from gaze_edge.model.modeling import GazeForConditionalGeneration
@@ -48,18 +49,20 @@ def test_decoder_graph_structure(tiny):
     for layer, node in enumerate(nodes):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs == {"top_k": TOP_K[layer], "max_region_tokens": 4, "scale": pytest.approx(64**-0.5),
-                         "plugin_namespace": b"gaze", "plugin_version": b"1"}
-        assert len(node.input) == 11 and len(node.output) == 4
+                         "routing": ROUTING["kv_head"], "context_attention": CONTEXT_ATTENTION["own_image"],
+                         "plugin_namespace": b"gaze", "plugin_version": b"2"}
+        assert len(node.input) == 16 and len(node.output) == 4
     assert [(f.domain, f.name) for f in proto.functions] == [(DOMAIN, OP_TYPE)]
     names = [i.name for i in proto.graph.input]
-    assert names[:6] == ["inputs_embeds", "slot_pos", "slot_region", "slot_valid", "gaze", "write_offset"]
-    assert names[6:9] == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.0.desc"]
+    assert names[:12] == list(DECODER_CALL_INPUTS)
+    assert names[12:15] == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.0.desc"]
     # Past and present share shapes, so one buffer can serve both.
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*proto.graph.input, *proto.graph.output]}
     assert shapes["past_key_values.1.key"] == shapes["present.1.key"]
     assert shapes["past_key_values.1.desc"] == shapes["present.1.desc"]
-    assert shapes["inputs_embeds"][1] == shapes["logits"][1] and isinstance(shapes["logits"][1], str)
+    # Logits only where asked (prefill: the last position), a dynamic count of their own.
+    assert shapes["logits_positions"][0] == shapes["logits"][1] and isinstance(shapes["logits"][1], str)
 
 
 def test_trt_variant_has_no_function(tiny, tmp_path: Path):
@@ -137,6 +140,6 @@ def test_optimum_config_describes_the_graph_and_its_dummy_inputs_validate(tiny):
     dummy = onnx_config.generate_dummy_inputs(framework="pt")
     got = sess.run(None, {name: t.numpy() for name, t in dummy.items()})
     with torch.no_grad():
-        want = ox.GazeDecoderForExport(model, "gaze", "1")(*dummy.values())
+        want = ox.GazeDecoderForExport(model, "gaze", "2")(*dummy.values())
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""The GazeAttention FunctionProto body in ONNX Runtime against the numpy reference (GAZE_SPEC.md).
+"""The GazeAttention FunctionProto body in ONNX Runtime against the numpy reference (docs/GAZE_SEMANTICS.md).
 
 Each case is fed to a one-node model the way a runtime drives the decoder: a static
 cache of capacity S (more slots than tokens), empty at first, then calls over
@@ -21,17 +21,21 @@ from gaze_edge.export.gaze_function import (
     single_node_model,
 )
 from gaze_edge.reference import gaze_attention_reference
+from gaze_edge.runtime.cache import SlotState
 from tests.gaze_cases import GazeCase, make_case
 
 _SESSIONS: dict[tuple, ort.InferenceSession] = {}
 
 
-def session(top_k: int, max_region_tokens: int, scale: float) -> ort.InferenceSession:
-    key = (top_k, max_region_tokens, scale)
+def session(top_k: int, max_region_tokens: int, scale: float, routing: str = "kv_head",
+            context_attention: str = "causal") -> ort.InferenceSession:
+    key = (top_k, max_region_tokens, scale, routing, context_attention)
     if key not in _SESSIONS:
-        model = single_node_model(top_k=top_k, max_region_tokens=max_region_tokens, scale=scale)
+        model = single_node_model(top_k=top_k, max_region_tokens=max_region_tokens, scale=scale, routing=routing,
+                                  context_attention=context_attention)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
+        options.log_severity_level = 3
         _SESSIONS[key] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return _SESSIONS[key]
 
@@ -40,8 +44,13 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def run_in_chunks(case: GazeCase, chunks: list[int], spare_slots: int = 3, region_tokens: int = 4) -> np.ndarray:
-    """Feed the whole sequence call by call (chunk sizes `chunks`, the rest one token per call)."""
+def run_in_chunks(case: GazeCase, chunks: list[int], spare_slots: int = 3, region_tokens: int = 4,
+                  routing: str = "kv_head", context_attention: str = "causal",
+                  log: list[dict] | None = None) -> np.ndarray:
+    """Feed the whole sequence call by call (chunk sizes `chunks`, the rest one token per call).
+
+    The layout tables come from the runtime's own SlotState, as in deployment.
+    """
     batch, kv_heads, length, dim = case.k.shape
     capacity = length + spare_slots
     q_all = np.random.default_rng(case.seed).standard_normal((batch, case.q.shape[1], length, dim))
@@ -50,12 +59,9 @@ def run_in_chunks(case: GazeCase, chunks: list[int], spare_slots: int = 3, regio
     gaze_all[:, length - case.gaze.shape[1] :] = case.gaze
     past_k = np.zeros((batch, kv_heads, capacity, dim), dtype=np.float32)
     past_v = np.zeros_like(past_k)
-    num_regions = case.num_regions
-    past_desc = np.zeros((batch, kv_heads, num_regions, dim), dtype=np.float32)
-    slot_pos = np.zeros((batch, capacity), dtype=np.int64)
-    slot_region = np.full((batch, capacity), -1, dtype=np.int64)
-    slot_valid = np.zeros((batch, capacity), dtype=bool)
-    sess = session(case.top_k, region_tokens, 1.0 / np.sqrt(dim))
+    past_desc = np.zeros((batch, kv_heads, case.num_regions, dim), dtype=np.float32)
+    slots = SlotState(batch, capacity, case.num_regions, region_tokens)
+    sess = session(case.top_k, region_tokens, 1.0 / np.sqrt(dim), routing, context_attention)
     sizes = list(chunks)
     while sum(sizes) < length:
         sizes.append(1)
@@ -65,16 +71,17 @@ def run_in_chunks(case: GazeCase, chunks: list[int], spare_slots: int = 3, regio
             break
         sl = slice(offset, min(offset + size, length))
         # The runtime writes the layout of the new tokens before the call.
-        slot_pos[:, sl], slot_region[:, sl], slot_valid[:, sl] = case.k_pos[:, sl], case.k_region[:, sl], \
-            case.k_valid[:, sl]
+        offset = slots.write(case.k_pos[:, sl], case.k_region[:, sl], case.k_valid[:, sl], case.k_image[:, sl])
         feeds = {
             "query": q_all[:, :, sl].astype(np.float32),
             "key": case.k[:, :, sl].astype(np.float32),
             "value": case.v[:, :, sl].astype(np.float32),
             "past_key": past_k, "past_value": past_v, "past_desc": past_desc,
-            "slot_pos": slot_pos, "slot_region": slot_region, "slot_valid": slot_valid,
             "gaze": gaze_all[:, sl], "write_offset": np.array([offset], dtype=np.int64),
+            **slots.tables(),
         }
+        if log is not None:
+            log.append({k: np.array(v) for k, v in feeds.items()})
         out, past_k, past_v, past_desc = sess.run(None, feeds)
         assert past_k.shape == (batch, kv_heads, capacity, dim)  # same buffer shape in and out
         outputs.append(out)
@@ -85,7 +92,8 @@ def run_in_chunks(case: GazeCase, chunks: list[int], spare_slots: int = 3, regio
 
 def check(case: GazeCase, chunks: list[int], region_tokens: int = 4) -> None:
     ref = gaze_attention_reference(case.q, case.k, case.v, **case.reference_kwargs())
-    out = run_in_chunks(case, chunks, region_tokens=region_tokens)
+    out = run_in_chunks(case, chunks, region_tokens=region_tokens, routing=case.routing,
+                        context_attention=case.context_attention)
     # Padding queries' outputs are unspecified (docs/ONNX_CONTRACT.md): the reference lets a padding
     # query at position 0 see the first real token, which a chunked call has not written yet.
     valid_q = np.broadcast_to(case.k_valid[:, None, -case.q.shape[2] :, None], out.shape)
@@ -93,13 +101,82 @@ def check(case: GazeCase, chunks: list[int], region_tokens: int = 4) -> None:
     assert err < 1e-4, f"seed {case.seed}: relative error {err:.2e}"
 
 
+def all_nodes(nodes, path: str = "") -> list[tuple[str, onnx.NodeProto]]:
+    """Every node of a body with the If-branch path it sits in ("" top level, "/then", "/then/else", ...)."""
+    out = []
+    for node in nodes:
+        out.append((path, node))
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                out += all_nodes(attr.g.node, f"{path}/{attr.name.split('_')[0]}")
+    return out
+
+
 def test_function_is_well_formed():
     register_schema()
     model = single_node_model(top_k=2, max_region_tokens=4, scale=0.25)
     onnx.checker.check_model(model, full_check=True)
     assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, OP_TYPE)]
-    ops = {node.op_type for node in build_function().node}
-    assert {"TopK", "GatherND"} <= ops  # sparse: selected regions are gathered
+    ops = {node.op_type for _, node in all_nodes(build_function().node)}
+    assert {"TopK", "GatherND", "ScatterND", "If"} <= ops
+
+
+def test_body_reads_only_what_it_attends():
+    """The cost rule, structurally: the cache is written by ScatterND only (new slots), read by the gaze path
+    only through GatherND (dense slots by index, selected regions by index), and never read whole by it."""
+    nodes = all_nodes(build_function().node)
+    readers: dict[str, set[tuple[str, str]]] = {}
+    for path, node in nodes:
+        for i, name in enumerate(node.input):
+            if node.op_type == "Shape" or (node.op_type == "CastLike" and i == 1):
+                continue  # metadata only: the shape, the element type
+            readers.setdefault(name, set()).add((path, node.op_type))
+    assert readers["past_key"] == {("", "ScatterND")} and readers["past_value"] == {("", "ScatterND")}
+    assert readers["past_desc"] == {("", "ScatterND")}
+    # /else = "the call has gaze queries"; its /then = gaze queries only. The dense branch is /then.
+    gaze_only = {op for path, op in readers["present_key"] if path.startswith("/else/then")}
+    dense_only = {op for path, op in readers["present_key"] if path == "/then"}
+    assert gaze_only == {"GatherND"}, gaze_only
+    assert dense_only == {"Slice"}, dense_only  # causal prefill reads the written prefix [0, o + T)
+    # No region gather in the dense branch.
+    assert not any(node.op_type == "GatherND" for path, node in nodes if path == "/then")
+
+
+MODES = [(r, c) for r in ("kv_head", "query_head") for c in ("causal", "own_image")]
+
+
+@pytest.mark.parametrize(("routing", "context_attention"), MODES)
+@pytest.mark.parametrize("chunks", [[-5], [4, 7, 2], [1]])
+def test_v2_modes_match_reference(routing: str, context_attention: str, chunks: list[int]):
+    """Both routings x both context modes, ragged regions, several images, batch padding, any split into calls
+    (a negative chunk: the whole prompt, then single gaze steps)."""
+    case = make_case(batch=2, kv_heads=2, group=3, grid=(5, 5), region=(2, 2), images=(1, 3), generated=4,
+                     top_k=2, routing=routing, context_attention=context_attention)
+    length = case.k.shape[2]
+    check(case, chunks=[length + c if c < 0 else c for c in chunks])
+
+
+@pytest.mark.parametrize(("routing", "context_attention"), MODES)
+def test_video_regions_spanning_frames(routing: str, context_attention: str):
+    """Frames grouped two at a time per region (rt = 2): a region's tokens arrive in two frames."""
+    case = make_case(batch=2, kv_heads=1, group=2, grid=(4, 4), region=(2, 2), images=(4, 3), generated=3,
+                     top_k=2, video=True, region_frames=2, routing=routing, context_attention=context_attention)
+    length = case.k.shape[2]
+    check(case, chunks=[length - 3], region_tokens=8)
+    check(case, chunks=[5, 9, 11], region_tokens=8)
+
+
+@pytest.mark.parametrize(("routing", "context_attention"), MODES)
+def test_top_k_at_least_r_equals_dense(routing: str, context_attention: str):
+    """With top_k >= R every gaze query sees what it could see densely, in every mode."""
+    case = make_case(batch=2, kv_heads=2, group=2, images=(2, 1), generated=3, top_k=99, routing=routing,
+                     context_attention=context_attention)
+    length = case.k.shape[2]
+    out = run_in_chunks(case, [length - 3], routing=routing, context_attention=context_attention)
+    dense = gaze_attention_reference(case.q, case.k, case.v, **{**case.reference_kwargs(),
+                                                                  "gaze": np.zeros_like(case.gaze)})
+    valid_q = np.broadcast_to(case.k_valid[:, None, -case.q.shape[2] :, None], out.shape)
+    assert rel_err(np.where(valid_q, out, 0), np.where(valid_q, dense.out, 0)) < 1e-4, f"seed {case.seed}"
 
 
 @pytest.mark.parametrize("group", [1, 2, 7])

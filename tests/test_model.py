@@ -1,4 +1,4 @@
-"""The PyTorch model: chunking invariance, dense identity, batching, images, real-size shapes."""
+"""The PyTorch model: chunking invariance, dense identity, batching, images, frames, modes, real-size shapes."""
 
 from __future__ import annotations
 
@@ -6,10 +6,21 @@ import numpy as np
 import pytest
 import torch
 
+from gaze_edge import DEFAULT_CHECKPOINT
+from gaze_edge.errors import CheckpointError
 from gaze_edge.model import scenes
+from gaze_edge.model.checkpoint import load_config
 from gaze_edge.model.configuration import GazeConfig, llava_onevision_0_5b_config
 from gaze_edge.model.modeling import GazeForConditionalGeneration, sample_next_token
 from gaze_edge.model.processing import default_processor
+
+MODES = {
+    "v1": dict(routing="kv_head", context_attention="causal"),
+    "kv_head-own_image": dict(routing="kv_head", context_attention="own_image"),
+    "query_head-causal": dict(routing="query_head", context_attention="causal"),
+    "query_head-own_image": dict(routing="query_head", context_attention="own_image"),
+}
+_MODELS: dict[tuple, GazeForConditionalGeneration] = {}
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +28,20 @@ def processor():
     return default_processor(48, 36)
 
 
+def make_model(processor, **fields) -> GazeForConditionalGeneration:
+    """A 2-layer random model (the same weights in every mode), built once per set of config fields."""
+    key = tuple(sorted(fields.items()))
+    if key not in _MODELS:
+        torch.manual_seed(0)
+        config = GazeConfig(vocab_size=processor.tokenizer.get_vocab_size(), num_hidden_layers=2, gaze_top_k=2,
+                            **fields)
+        _MODELS[key] = GazeForConditionalGeneration(config).eval()
+    return _MODELS[key]
+
+
 @pytest.fixture(scope="module")
 def model(processor):
-    torch.manual_seed(0)
-    config = GazeConfig(vocab_size=processor.tokenizer.get_vocab_size(), num_hidden_layers=2, gaze_top_k=2)
-    return GazeForConditionalGeneration(config).eval()
+    return make_model(processor)  # the class defaults: kv_head routing, own_image context tokens
 
 
 def prompt_inputs(processor, num_images: int, seed: int = 0):
@@ -40,19 +60,24 @@ def teacher_forced(processor, num_images: int, caption: str, seed: int = 0):
     return full, pixels, gaze
 
 
-@pytest.mark.parametrize("num_images", [1, 3])
-def test_chunking_invariance_logits(model, processor, num_images):
-    """All at once, in chunks, or token by token: the same logits for every token."""
+@pytest.mark.parametrize(
+    ("mode", "num_images", "region_frames"),
+    [("v1", 1, 1), ("kv_head-own_image", 3, 1), ("query_head-causal", 3, 1), ("query_head-own_image", 3, 2)],
+)
+def test_chunking_invariance_logits(processor, mode, num_images, region_frames):
+    """All at once, in chunks, or token by token: the same logits for every token (frames: a 3-frame video)."""
+    model = make_model(processor, **MODES[mode], region_frames=region_frames)
+    frames = torch.tensor([region_frames > 1])
     ids, pixels, gaze = teacher_forced(processor, num_images, "a red circle at top left and a blue cross at center")
     with torch.no_grad():
-        whole = model(ids, pixel_values=pixels, gaze_mask=gaze).logits
+        whole = model(ids, pixel_values=pixels, gaze_mask=gaze, frames=frames).logits
         embeds = model.embed(ids, pixels)
         for chunk in (1, 7):
             cache = model.new_cache(1)
             pieces = []
             for s in range(0, ids.shape[1], chunk):
                 res = model(ids[:, s : s + chunk], inputs_embeds=embeds[:, s : s + chunk],
-                            gaze_mask=gaze[:, s : s + chunk], past_key_values=cache)
+                            gaze_mask=gaze[:, s : s + chunk], past_key_values=cache, frames=frames)
                 pieces.append(res.logits)
             torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=1e-5, atol=1e-5)
 
@@ -65,12 +90,29 @@ def test_chunking_invariance_generation(model, processor):
     assert whole.sequences.tolist() == one.sequences.tolist() == five.sequences.tolist()
 
 
-def test_gaze_with_all_regions_equals_dense_model(model, processor):
-    ids, pixels, gaze = teacher_forced(processor, 2, "a red circle at top left")
+def test_chunking_invariance_generation_of_video_frames(processor):
+    """4 frames in region groups of 3 (the last group holds one frame), query_head, own_image."""
+    model = make_model(processor, **MODES["query_head-own_image"], region_frames=3)
+    ids, pixels = prompt_inputs(processor, 4)
+    frames = torch.tensor([True])
+    whole = model.generate(ids, pixel_values=pixels, max_new_tokens=8, frames=frames)
+    seven = model.generate(ids, pixel_values=pixels, max_new_tokens=8, frames=frames, prefill_chunk=7)
+    assert whole.sequences.tolist() == seven.sequences.tolist()
+    assert whole.selections[0][0].shape == (1, 4, 1, 2 * 9)  # [B, Hq, 1, R]: 2 frame groups of 9 regions
+
+
+@pytest.mark.parametrize(
+    ("mode", "region_frames"), [(m, 1) for m in MODES] + [("kv_head-own_image", 2)],
+)
+def test_gaze_with_all_regions_equals_dense_model(processor, mode, region_frames):
+    """top_k >= R: the gaze model is its dense twin (same context_attention); 3 images, or 3 frames in groups of 2."""
+    model = make_model(processor, **MODES[mode], region_frames=region_frames)
+    frames = torch.tensor([region_frames > 1])
+    ids, pixels, gaze = teacher_forced(processor, 3, "a red circle at top left")
     with torch.no_grad():
-        dense = model(ids, pixel_values=pixels).logits  # no gaze queries at all
-        all_regions = model(ids, pixel_values=pixels, gaze_mask=gaze, gaze_top_k=2 * 9).logits
-        sparse = model(ids, pixel_values=pixels, gaze_mask=gaze, gaze_top_k=1).logits
+        dense = model(ids, pixel_values=pixels, frames=frames).logits  # no gaze queries at all
+        all_regions = model(ids, pixel_values=pixels, gaze_mask=gaze, gaze_top_k=3 * 9, frames=frames).logits
+        sparse = model(ids, pixel_values=pixels, gaze_mask=gaze, gaze_top_k=1, frames=frames).logits
     torch.testing.assert_close(all_regions, dense, rtol=1e-6, atol=1e-6)
     gaze_rows = gaze[0]
     assert (sparse[0, gaze_rows] - dense[0, gaze_rows]).abs().max() > 1e-4  # k=1 really drops keys
@@ -81,13 +123,65 @@ def test_region_numbering_across_images(model, processor):
     ids, _ = prompt_inputs(processor, 2)
     mask = torch.ones_like(ids)
     zero = torch.zeros(1, dtype=torch.long)
-    pos, region, valid, seen = model.layout(ids, mask, zero, zero)
+    new = model.layout(ids, mask, zero, zero)
     image_slots = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
-    assert region[0, image_slots[:36]].unique().tolist() == list(range(9))
-    assert region[0, image_slots[36:]].unique().tolist() == list(range(9, 18))
-    assert (region[0, ids[0] != model.config.image_token_id] == -1).all()
-    assert pos[0].tolist() == list(range(ids.shape[1]))
-    assert int(seen) == 72 and model.layout.num_regions(seen) == 18
+    assert new.region[0, image_slots[:36]].unique().tolist() == list(range(9))
+    assert new.region[0, image_slots[36:]].unique().tolist() == list(range(9, 18))
+    assert (new.region[0, ids[0] != model.config.image_token_id] == -1).all()
+    assert new.pos[0].tolist() == list(range(ids.shape[1]))
+    assert int(new.image_tokens_seen) == 72 and model.layout.num_regions(new.image_tokens_seen) == 18
+
+
+@pytest.mark.parametrize("frames", [False, True])
+def test_image_and_context_indices_and_frame_groups(processor, frames):
+    """5 images (or frames in groups of 2): which image every token belongs to, and the region ids."""
+    model = make_model(processor, region_frames=2)
+    ids, _ = prompt_inputs(processor, 5)
+    flag = torch.tensor([frames])
+    zero = torch.zeros(1, dtype=torch.long)
+    new = model.layout(ids, torch.ones_like(ids), zero, zero, flag)
+    is_image = ids[0] == model.config.image_token_id
+    is_context = torch.isin(ids[0], torch.tensor(model.config.context_token_ids))
+    per_image = [i for i in range(5) for _ in range(36)]
+    assert new.image[0, is_image].tolist() == per_image
+    assert new.image[0, is_context].tolist() == [i for i in range(5) for _ in range(2)]
+    assert new.context_image[0, is_context].tolist() == new.image[0, is_context].tolist()
+    assert (new.image[0, ~(is_image | is_context)] == -1).all() and (new.context_image[0, ~is_context] == -1).all()
+    spatial = model.layout.region_of_token.tolist()
+    group = [i // 2 if frames else i for i in range(5)]
+    assert new.region[0, is_image].tolist() == [group[i] * 9 + spatial[j] for i in range(5) for j in range(36)]
+    assert model.layout.num_regions(new.image_tokens_seen, flag) == (3 if frames else 5) * 9
+
+
+def test_model_passes_routing_and_context_attention_to_every_layer(processor):
+    """own_image changes exactly the rows of context tokens (and what follows them); query_head selects per head."""
+    ids, pixels, gaze = teacher_forced(processor, 2, "a red circle at top left")
+    first_context = int(torch.isin(ids[0], torch.tensor(processor.context_token_ids)).nonzero()[0])
+    with torch.no_grad():
+        causal = make_model(processor, **MODES["v1"])(ids, pixel_values=pixels, gaze_mask=gaze)
+        own = make_model(processor, **MODES["kv_head-own_image"])(ids, pixel_values=pixels, gaze_mask=gaze)
+        per_head = make_model(processor, **MODES["query_head-causal"])(ids, pixel_values=pixels, gaze_mask=gaze)
+    torch.testing.assert_close(own.logits[0, :first_context], causal.logits[0, :first_context], rtol=0, atol=0)
+    assert (own.logits[0, first_context] - causal.logits[0, first_context]).abs().max() > 1e-4
+    assert [s.shape for s in causal.selections] == [(1, 2, ids.shape[1], 18)] * 2
+    assert [s.shape for s in per_head.selections] == [(1, 4, ids.shape[1], 18)] * 2
+    torch.testing.assert_close(per_head.logits[0, ~gaze[0]], causal.logits[0, ~gaze[0]], rtol=0, atol=0)
+
+
+def test_config_validates_the_v2_fields():
+    for field, value, words in [("routing", "per_token", "routing must be one of"),
+                                ("context_attention", "image", "context_attention must be one of"),
+                                ("region_frames", 0, "region_frames must be an integer >= 1")]:
+        with pytest.raises(CheckpointError, match=words):
+            GazeConfig(**{field: value}).validate()
+    config = GazeConfig()
+    assert (config.routing, config.context_attention, config.region_frames) == ("kv_head", "own_image", 1)
+
+
+def test_shipped_checkpoints_keep_the_v1_semantics_they_were_trained_with():
+    for path in (DEFAULT_CHECKPOINT, DEFAULT_CHECKPOINT.parent / "gaze-tiny-dense"):
+        config = load_config(path)
+        assert (config.routing, config.context_attention, config.region_frames) == ("kv_head", "causal", 1), path
 
 
 def test_batch_with_padding_equals_each_alone(model, processor):

@@ -341,7 +341,9 @@ def make_folder(tmp_path: Path, shape: ModelShape = SHAPE, trt_version: str = TR
     em.write_manifest(engines, tensorrt_version=trt_version, gpu_arch=arch, gpu_name="Orin", plugin_path=plugin,
                       engines={"decoder": {"file": "decoder.engine", "profiles": ["prefill", "decode"]},
                                "vision": {"file": "vision.engine", "profiles": ["vision"]}}, shapes={})
-    return types.SimpleNamespace(path=tmp_path, shape=shape, has_gaze_queries=False)
+    # The plugin version this backend implements (v1): a v2 export is refused (test_refuses_a_v2_export).
+    config = {"gaze": {"node": {"plugin_version": tb.PLUGIN_VERSION}}}
+    return types.SimpleNamespace(path=tmp_path, shape=shape, has_gaze_queries=False, config=config)
 
 
 @pytest.fixture
@@ -353,6 +355,17 @@ def doubles(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[Any, ...]], Fak
 
 
 # ====================================================================== refusals
+
+
+def test_refuses_a_v2_export(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Exports of this release carry GazeAttention v2 nodes; the plugin and this backend are v1: refused first."""
+    log: list[tuple[Any, ...]] = []
+    install(monkeypatch, None, FakeCudart(log))
+    folder = make_folder(tmp_path)
+    folder.config = {"gaze": {"node": {"plugin_version": "2"}}}
+    with pytest.raises(BackendError, match="plugin version 2.*--backend onnxruntime"):
+        tb.TrtBackend(folder)  # type: ignore[arg-type]
+    assert log == []
 
 
 def test_refuses_when_tensorrt_is_not_installed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -467,7 +480,7 @@ def test_binding_plan_binds_past_and_present_to_one_buffer_of_the_kv_formula() -
     desc = sum(b.nbytes for n, b in buffers.items() if n.endswith(".desc"))
     slots = sum(b.nbytes for n, b in buffers.items() if n.startswith("slot_"))
     assert kv == spec.kv_bytes == 2 * 2 * 2 * 1 * 24 * 4 * 4
-    assert desc == spec.desc_bytes and slots == spec.slot_bytes
+    assert desc == spec.desc_bytes and slots == spec.batch * spec.capacity * tb.SLOT_METADATA_BYTES
     assert len([n for n in buffers if n.startswith("kv.")]) == 3 * SHAPE.num_layers  # one buffer, not two
 
 
@@ -555,7 +568,7 @@ def test_cuda_graph_rule_warm_up_capture_replay_recapture() -> None:
 
 
 def _prefill_slots(batch: int, capacity: int, length: int) -> SlotState:
-    slots = SlotState(batch, capacity)
+    slots = SlotState(batch, capacity, SHAPE.num_regions, SHAPE.max_region_tokens)
     slots.write(np.tile(np.arange(length), (batch, 1)), np.full((batch, length), -1), np.ones((batch, length), bool))
     return slots
 
@@ -575,7 +588,7 @@ def test_glue_prefill_then_two_decode_steps_call_sequence(doubles: tuple[list[tu
     assert not [e for e in log if e[0] == "malloc"]  # nothing allocated before allocate()
     batch, length, capacity = 2, 5, 10
     spec = CacheSpec.plan(SHAPE, batch, capacity)
-    slots = SlotState(batch, capacity)
+    slots = SlotState(batch, capacity, SHAPE.num_regions, SHAPE.max_region_tokens)
     backend.allocate(spec, slots)
     mallocs = [e for e in log if e[0] == "malloc"]
     assert len(mallocs) == 7 + 3 * SHAPE.num_layers  # past and present share: 3 buffers per layer, not 6
@@ -585,7 +598,7 @@ def test_glue_prefill_then_two_decode_steps_call_sequence(doubles: tuple[list[tu
     embeds = rng.standard_normal((batch, length, SHAPE.hidden_size)).astype(np.float32)
     offset = slots.write(np.tile(np.arange(length), (batch, 1)), np.full((batch, length), -1),
                          np.ones((batch, length), bool))
-    logits = backend.decode(embeds, np.zeros((batch, length), bool), offset)
+    logits = backend.decode(embeds, np.zeros((batch, length), bool), offset, np.arange(length))
     np.testing.assert_array_equal(logits.argmax(-1), np.tile(np.arange(length), (batch, 1)))
     prefill_log = list(log)
     log.clear()
@@ -647,7 +660,7 @@ def test_glue_reuses_buffers_and_recaptures_for_a_new_generation_or_batch(
     backend = tb.TrtBackend(make_folder(tmp_path))  # type: ignore[arg-type]
 
     def generation(batch: int, steps: int) -> None:
-        slots = SlotState(batch, 10)
+        slots = SlotState(batch, 10, SHAPE.num_regions, SHAPE.max_region_tokens)
         backend.allocate(CacheSpec.plan(SHAPE, batch, 10), slots)
         offset = slots.write(np.zeros((batch, 3), np.int64), np.full((batch, 3), -1), np.ones((batch, 3), bool))
         backend.decode(np.ones((batch, 3, SHAPE.hidden_size), np.float32), np.zeros((batch, 3), bool), offset)
@@ -672,11 +685,12 @@ def test_glue_splits_a_prefill_longer_than_the_profile_without_cutting_images(
     """Glue only (test doubles): a 12-token chunk becomes engine calls of <= 8 tokens, cut between images."""
     log, _ = doubles
     backend = tb.TrtBackend(make_folder(tmp_path))  # type: ignore[arg-type]
-    slots = SlotState(1, 16)
+    slots = SlotState(1, 16, SHAPE.num_regions, SHAPE.max_region_tokens)
     backend.allocate(CacheSpec.plan(SHAPE, 1, 16), slots)
     region = np.array([[-1, -1, 0, 0, 1, 1, -1, 2, 3, 2, 3, -1]])
     offset = slots.write(np.arange(12)[None], region, np.ones((1, 12), bool))
-    logits = backend.decode(np.ones((1, 12, SHAPE.hidden_size), np.float32), np.zeros((1, 12), bool), offset)
+    logits = backend.decode(np.ones((1, 12, SHAPE.hidden_size), np.float32), np.zeros((1, 12), bool), offset,
+                            np.arange(12))
     assert logits.shape == (1, 12, SHAPE.vocab_size)
     np.testing.assert_array_equal(logits.argmax(-1)[0], np.arange(12))
     calls = [e[3][1] for e in log if e[0] == "execute"]
@@ -704,7 +718,7 @@ def test_glue_binds_and_reads_back_gaze_query_outputs(doubles: tuple[list[tuple[
     folder = make_folder(tmp_path)
     folder.has_gaze_queries = True
     backend = tb.TrtBackend(folder)  # type: ignore[arg-type]
-    slots = SlotState(1, 10)
+    slots = SlotState(1, 10, SHAPE.num_regions, SHAPE.max_region_tokens)
     backend.allocate(CacheSpec.plan(SHAPE, 1, 10), slots)
     offset = slots.write(np.zeros((1, 3), np.int64), np.full((1, 3), -1), np.ones((1, 3), bool))
     backend.decode(np.ones((1, 3, SHAPE.hidden_size), np.float32), np.zeros((1, 3), bool), offset)

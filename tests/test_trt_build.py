@@ -68,6 +68,17 @@ def test_this_machine_refuses_or_has_real_tensorrt() -> None:
         assert hasattr(trt, "Builder")
 
 
+def test_a_v2_export_is_refused_before_tensorrt_is_looked_for(tmp_path: Path) -> None:
+    """This release exports GazeAttention v2; libgaze_trt_plugin.so implements v1: `gaze build` says so first."""
+    (tmp_path / "gaze_config.json").write_text('{"gaze": {"node": {"plugin_version": "2"}}}')
+    parser = argparse.ArgumentParser(prog="gaze")
+    tb.add_build_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["build", str(tmp_path)])
+    with pytest.raises(tb.EngineBuildError, match="plugin version 2.*implements version 1"):
+        args.func(args)
+    assert not (tmp_path / "engines").exists()
+
+
 def test_build_command_prints_the_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     parser = argparse.ArgumentParser(prog="gaze")
@@ -117,8 +128,8 @@ def test_strip_gaze_function(tmp_path: Path) -> None:
     assert not stripped.functions
     node = stripped.graph.node[0]
     assert (node.domain, node.op_type) == ("gaze", "GazeAttention")
-    assert {a.name for a in node.attribute} == {"top_k", "max_region_tokens", "scale", "plugin_namespace",
-                                                "plugin_version"}
+    assert {a.name for a in node.attribute} == {"top_k", "max_region_tokens", "routing", "context_attention", "scale",
+                                                "plugin_namespace", "plugin_version"}
     assert not tb.strip_gaze_function(dst, tmp_path / "again.onnx")
     assert not (tmp_path / "again.onnx").exists()
 
