@@ -86,6 +86,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "chat": ("onnxruntime",),
     "serve": ("onnxruntime", "fastapi", "uvicorn", "prometheus_client"),
     "bench": ("onnxruntime",),
+    "convert": ("torch", "transformers"),
 }
 
 
@@ -121,11 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .calibrate.quantize_cli import add_quantize_parser
     from .export.cli import add_export_parser
     from .export.trt_build import add_build_parser
+    from .model.convert import add_convert_parser
     from .runtime.bench import add_bench_parser
     from .runtime.cli import add_caption_parser, add_profile_parser
     from .runtime.commands import add_chat_serve_parsers
 
     add_export_parser(sub)
+    add_convert_parser(sub)
     build = add_build_parser(sub)
     ca.retype(build, max_batch=ca.int_in(1, 4096), max_prefill=ca.int_in(1, 1 << 20),
               workspace_mib=ca.int_in(1, 1 << 24))

@@ -146,6 +146,7 @@ class GazeProcessor:
                 image_mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
                 image_std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
             )
+
             def name(key: str, default: str | None) -> str | None:  # absent: the built-in tokenizer's name
                 return _token_name(tok_cfg[key]) if key in tok_cfg else default
 

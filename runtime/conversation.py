@@ -16,10 +16,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def assistant_gaze_mask(ids: np.ndarray, mask: np.ndarray, assistant_id: int, eos_id: int) -> np.ndarray:
-    """bool [B, T] (prompt order): True on the tokens of assistant replies in left-padded prompts `ids` [B, T]."""
+def assistant_gaze_mask(ids: np.ndarray, mask: np.ndarray, assistant_id: int | None, eos_id: int) -> np.ndarray:
+    """bool [B, T] (prompt order): True on the tokens of assistant replies in left-padded prompts `ids` [B, T].
+
+    Without an assistant marker token (a converted checkpoint may have none) no reply can be found: all False.
+    """
     valid = mask.astype(bool)
     out = np.zeros(ids.shape, dtype=bool)
+    if assistant_id is None:
+        return out
     for b in range(ids.shape[0]):
         inside = False
         for t in range(ids.shape[1]):

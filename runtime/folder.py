@@ -179,11 +179,11 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    bos: int
+    bos: int | None
     eos: int
     pad: int
     image: int
-    assistant: int
+    assistant: int | None
 
 
 @dataclass
@@ -360,5 +360,10 @@ def _choice(block: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
 
 def _parse_tokens(config: dict[str, Any]) -> SpecialTokens:
     t = config["special_tokens"]
-    return SpecialTokens(bos=int(t["bos_token_id"]), eos=int(t["eos_token_id"]), pad=int(t["pad_token_id"]),
-                         image=int(t["image_token_id"]), assistant=int(t["assistant_token_id"]))
+
+    def optional(key: str) -> int | None:  # Qwen-style tokenizers have no bos; a converted model no <assistant>
+        value = t.get(key)
+        return None if value is None else int(value)
+
+    return SpecialTokens(bos=optional("bos_token_id"), eos=int(t["eos_token_id"]), pad=int(t["pad_token_id"]),
+                         image=int(t["image_token_id"]), assistant=optional("assistant_token_id"))
