@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint train evaluate plugins clean
+.PHONY: setup demo test test-fast lint train evaluate plugins kernels-cpu clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ demo: setup
 		$(VENV)/bin/gaze caption $(DEMO)/gaze-tiny $(DEMO)/scenes/scene_$$i.png \
 			--gaze-map $(DEMO)/gaze_map_$$i.png || exit 1; \
 	done
-	$(VENV)/bin/gaze profile $(DEMO)/gaze-tiny --new-tokens 32
+	$(VENV)/bin/gaze profile $(DEMO)/gaze-tiny --max-new-tokens 32 --repeats 3
 	@echo "gaze maps: $(DEMO)/gaze_map_*.png"
 
 test: setup
@@ -62,6 +62,12 @@ evaluate: setup
 plugins:
 	cmake -S plugins_trt -B build/plugins_trt -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/plugins_trt -j2
+
+## The same kernels compiled as C++ for the CPU execution harness (g++ and the CUDA headers; no nvcc, no GPU):
+## build/kernels-cpu/libgaze_kernels_cpu.so. The kernel tests build it themselves when it is missing.
+kernels-cpu:
+	cmake -S plugins_trt/cpu_harness -B build/kernels-cpu -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/kernels-cpu -j2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

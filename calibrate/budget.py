@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from gaze_edge.atomic import replace_file
+from gaze_edge.atomic import replace_files
 from gaze_edge.errors import GazeError, InputError
 from gaze_edge.runtime.folder import ExportFolder
 from gaze_edge.runtime.profile import kv_bytes_per_step
@@ -285,10 +285,13 @@ def sweep(captioner: Captioner, shape: Any, budgets: dict[str, list[int]], refer
 def write_top_k(folder: ExportFolder, top_k: Sequence[int], calibration: dict[str, Any]) -> None:
     """Set top_k per layer in decoder.onnx (node attributes + metadata) and gaze_config.json.
 
-    Each file is replaced atomically (temp file in the folder, fsync, rename); the decoder
-    goes first. An interruption between the two renames leaves a folder whose copies
-    disagree, which the runtime refuses by name (runtime/backend.py check_top_k_metadata)
-    and a second `gaze calibrate` repairs. External weights are not rewritten.
+    Both files are replaced as one step (gaze_edge.atomic.replace_files): each temp file is
+    written and fsynced in the folder first, so a failed write (disk full) changes neither; then
+    the two renames run as one `held_signals` section, so Ctrl-C, SIGTERM or SIGHUP lands before
+    the first or is raised after the second, never between them. Should the folder still end up
+    with copies that disagree (a rename failing half-way, a crash of the machine), the runtime
+    refuses it by name (runtime/backend.py check_top_k_metadata) and a second `gaze calibrate`
+    repairs it. External weights are not rewritten.
     """
     import onnx
 
@@ -317,8 +320,9 @@ def write_top_k(folder: ExportFolder, top_k: Sequence[int], calibration: dict[st
     config = json.loads(json.dumps(folder.config))
     config["gaze"]["top_k_per_layer"] = top_k
     config["gaze"]["calibration"] = calibration
-    replace_file(path, proto.SerializeToString())
-    replace_file(folder.path / "gaze_config.json", (json.dumps(config, indent=2) + "\n").encode())
+    # Both temp files written first, then both renamed in one held_signals section (gaze_edge/atomic.py).
+    replace_files([(path, proto.SerializeToString()),
+                   (folder.path / "gaze_config.json", (json.dumps(config, indent=2) + "\n").encode())])
     folder.config = config
 
 

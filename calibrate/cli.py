@@ -61,7 +61,7 @@ def _resolve_checkpoint(folder: Any, given: Path | None) -> Path:
     recorded = None
     if report.is_file():
         try:
-            recorded = json.loads(report.read_text()).get("checkpoint")
+            recorded = json.loads(report.read_text(encoding="utf-8")).get("checkpoint")
         except (OSError, ValueError, AttributeError):
             recorded = None
     if not recorded or not Path(recorded).is_dir():

@@ -23,8 +23,9 @@ from typing import Any
 
 from PIL import Image
 
-from gaze_edge.cli_args import DEFAULT_MAX_TOTAL_PIXELS, gib, read_text, total_memory_bytes
+from gaze_edge.cli_args import DEFAULT_MAX_TOTAL_PIXELS, read_text
 from gaze_edge.errors import InputError
+from gaze_edge.memory import gib, total_memory_bytes
 from gaze_edge.runtime.images import MAX_IMAGE_PIXELS, load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

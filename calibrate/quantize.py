@@ -51,7 +51,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,9 +60,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from gaze_edge.atomic import check_new_folder, move_folder_into_place
+from gaze_edge.atomic import check_new_folder, move_folder_into_place, partial_folder
 from gaze_edge.errors import GazeError, InputError
 from gaze_edge.export.node import DOMAIN, OP_TYPE
+from gaze_edge.runtime.backend import check_threads
 from gaze_edge.runtime.folder import COPIED_FILES, ExportFolder
 
 from .data import DEFAULT_MAX_TOTAL_PIXELS, ImageSet, accuracy, load_image_set
@@ -117,6 +117,7 @@ def check_options(options: QuantizeOptions) -> None:
             raise InputError(f"{name} must be at least 1, got {value}")
     if options.decode_steps < 0 or options.batch < 1:
         raise InputError("decode_steps must be >= 0 and batch >= 1")
+    check_threads(options.threads)  # before any image is read (ONNX Runtime would refuse it only later)
 
 
 def open_source(src: Path) -> ExportFolder:
@@ -631,18 +632,10 @@ def quantize_export(src: str | Path, dst: str | Path, options: QuantizeOptions,
         check_set = _head(calib, options.held_out_count)
         source = "calibration images (no --held-out given" + (
             ": the activation ranges were calibrated on these same images)" if options.mode == "int8" else ")")
-    parent = dst.parent if str(dst.parent) else Path(".")
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=parent))
-    except OSError as exc:
-        raise QuantizeError(f"cannot write beside {dst}: {exc}") from exc
-    try:
+    with partial_folder(dst, QuantizeError) as tmp:  # removed on any error or interrupt (gaze_edge/atomic.py)
         report = _quantize_into(tmp, folder, options, calib, check_set, source, steps)
         steps(f"moving into {dst}")
         move_folder_into_place(tmp, dst, QuantizeError, "the quantized export")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report["output"] = str(dst)
     return report
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from gaze_edge.atomic import replace_file
 from gaze_edge.errors import GazeError
 from gaze_edge.jsonfile import read_json_object
 
@@ -94,14 +93,7 @@ def write_manifest(
         "shapes": shapes,
         **(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_file(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())  # temp, fsync, rename
     return folder / MANIFEST
 
 

@@ -13,13 +13,15 @@ versions (needs the `onnx` package, or export with --trt-compat); from 10.7 the 
 and from 10.15 because the node carries plugin_namespace, with the parser flag
 ENABLE_PLUGIN_OVERRIDE also set where the TensorRT Python API has it.
 
-The lead wires `add_build_parser` into gaze_edge/cli.py.
+Every option is checked while parsing (gaze_edge/cli_args.py, docs/CLI.md), gaze_config.json
+is read like every other JSON file (gaze_edge/jsonfile.py), and each engine, the timing cache
+and the manifest are replaced atomically (gaze_edge/atomic.py: temp file, fsync, rename), so
+an interrupt (Ctrl-C, SIGTERM, SIGHUP) never leaves a half-written engine or a temp file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -29,7 +31,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from gaze_edge import cli_args as ca
+from gaze_edge.atomic import replace_file
 from gaze_edge.errors import GazeError
+from gaze_edge.jsonfile import read_json_object
 
 from . import engine_manifest
 
@@ -54,10 +59,14 @@ def add_build_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("export", type=Path, help="export folder written by `gaze export`")
     p.add_argument("--plugin", type=Path, default=DEFAULT_PLUGIN,
                    help=f"plugin library libgaze_trt_plugin.so (default: {DEFAULT_PLUGIN}; build: {BUILD_HINT})")
-    p.add_argument("--engine-dir", type=Path, default=None, help="where engines go (default: EXPORT/engines)")
-    p.add_argument("--max-batch", type=int, default=1, help="largest batch the engines serve")
-    p.add_argument("--max-prefill", type=int, default=512, help="largest prefill chunk (tokens per call)")
-    p.add_argument("--workspace-mib", type=int, default=1024, help="builder workspace memory pool limit")
+    p.add_argument("--engine-dir", type=ca.output_folder, default=None,
+                   help="where engines go (default: EXPORT/engines; created with its parents)")
+    p.add_argument("--max-batch", type=ca.int_in(1, 4096), default=1,
+                   help="largest batch the engines serve (1 .. 4096)")
+    p.add_argument("--max-prefill", type=ca.int_in(1, 1 << 20), default=512,
+                   help="largest prefill chunk (tokens per call, 1 .. 2^20)")
+    p.add_argument("--workspace-mib", type=ca.int_in(1, 1 << 24), default=1024,
+                   help="builder workspace memory pool limit (MiB, 1 .. 2^24)")
     p.add_argument("--no-fp16", action="store_true", help="do not allow FP16 kernels (export dtype only)")
     p.add_argument("--force", action="store_true", help="replace existing engines")
     p.set_defaults(func=run_build)
@@ -130,6 +139,15 @@ class BuildShapes:
         return dict(self.__dict__)
 
 
+MAX_SIZE = 2**31 - 1  # every size: int32-safe (TensorRT dims), as the runtime requires (runtime/folder.py)
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
 def shapes_from_config(config: dict[str, Any], max_batch: int, max_prefill: int) -> BuildShapes:
     """The shapes the engines serve, from gaze_config.json; EngineBuildError naming a bad field."""
     try:
@@ -137,17 +155,24 @@ def shapes_from_config(config: dict[str, Any], max_batch: int, max_prefill: int)
         decoder = model["decoder"]
         shapes = BuildShapes(
             max_batch=max_batch, max_prefill=max_prefill,
-            max_seq_len=int(decoder["kv_cache"]["max_seq_len"]),
-            num_regions=int(decoder["descriptors"]["num_regions"]),
-            max_images=int(gaze["max_images"]), image_size=int(model["vision"]["image_size"]),
-            hidden_size=int(model["hidden_size"]), kv_heads=int(model["num_key_value_heads"]),
-            head_dim=int(model["head_dim"]), num_layers=int(model["num_hidden_layers"]),
+            max_seq_len=_integer(decoder["kv_cache"]["max_seq_len"], "max_seq_len"),
+            num_regions=_integer(decoder["descriptors"]["num_regions"], "num_regions"),
+            max_images=_integer(gaze["max_images"], "max_images"),
+            image_size=_integer(model["vision"]["image_size"], "image_size"),
+            hidden_size=_integer(model["hidden_size"], "hidden_size"),
+            kv_heads=_integer(model["num_key_value_heads"], "num_key_value_heads"),
+            head_dim=_integer(model["head_dim"], "head_dim"),
+            num_layers=_integer(model["num_hidden_layers"], "num_hidden_layers"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise EngineBuildError(f"gaze_config.json is missing or has a bad field ({exc!r}); re-run `gaze export`") \
             from exc
     if max_batch < 1 or max_prefill < 1:
         raise EngineBuildError("--max-batch and --max-prefill must be >= 1")
+    for name, value in shapes.as_dict().items():  # int() took 1e30 or True: sizes must be int32-safe integers
+        if not 1 <= value <= MAX_SIZE:
+            raise EngineBuildError(f"gaze_config.json: {name} must be in 1 .. {MAX_SIZE}, got {value}; re-run "
+                                   "`gaze export`")
     if max_prefill > shapes.max_seq_len:
         raise EngineBuildError(f"--max-prefill {max_prefill} exceeds the KV cache capacity {shapes.max_seq_len}")
     return shapes
@@ -259,32 +284,51 @@ def _build_engine(trt: ModuleType, builder: Any, network: Any, profiles: list[di
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT failed to build {out.name} (see the TensorRT log above)")
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, out)
+    replace_file(out, bytes(serialized))  # temp file, fsync, rename: no .tmp or half engine left on SIGTERM
 
 
 def check_plugin_contract(config: dict[str, Any], export: Path) -> None:
     """The export's GazeAttention nodes must be the version the plugin library implements (PLUGIN_VERSION)."""
-    wanted = str(config.get("gaze", {}).get("node", {}).get("plugin_version", ""))
+    gaze = config.get("gaze")
+    node = gaze.get("node") if isinstance(gaze, dict) else None
+    wanted = str(node.get("plugin_version", "")) if isinstance(node, dict) else ""
     if wanted != PLUGIN_VERSION:
         raise EngineBuildError(f"{export} uses GazeAttention plugin version {wanted or '?'}; libgaze_trt_plugin.so "
                                f"implements version {PLUGIN_VERSION} (the v2 kernels and plugin are not done yet), "
                                "so TensorRT could not map its nodes: no engine can be built from this export")
 
 
+def graph_file(export: Path, config: dict[str, Any], part: str) -> Path:
+    """The `part` graph gaze_config.json names, inside the export folder (the runtime's sandbox rule)."""
+    from gaze_edge.runtime.folder import check_links, resolve_inside
+
+    try:
+        name = config["model"][part]["filename"]
+    except (KeyError, TypeError) as exc:
+        raise EngineBuildError(f"{export / 'gaze_config.json'} has no model.{part}.filename; re-run `gaze export`") \
+            from exc
+    check_links(export)  # ExportFolderError names a link that leaves the folder
+    path = resolve_inside(export, name, f"the {part} graph")  # and an absolute or '..' name
+    if not path.is_file():
+        raise EngineBuildError(f"{export} has no {name} ({part} graph): the export is incomplete; re-run `gaze export`")
+    return path
+
+
 def run_build(args: argparse.Namespace) -> int:
     export = Path(args.export)
     config_file = export / "gaze_config.json"
+    config = None
     if config_file.is_file():  # an export we can tell is unbuildable is refused before TensorRT is looked for
-        check_plugin_contract(json.loads(config_file.read_text()), export)
+        config = read_json_object(config_file, EngineBuildError, "re-run `gaze export`")
+        check_plugin_contract(config, export)
     trt = import_tensorrt()  # nothing else can be done without it
-    if not config_file.is_file():
+    if config is None:
         raise EngineBuildError(f"{export} is not an export folder (no gaze_config.json); run `gaze export` first")
-    config = json.loads(config_file.read_text())
     shapes = shapes_from_config(config, args.max_batch, args.max_prefill)
+    decoder_onnx, vision_onnx = graph_file(export, config, "decoder"), graph_file(export, config, "vision")
     engine_dir = Path(args.engine_dir) if args.engine_dir else export / "engines"
-    if (engine_dir / engine_manifest.MANIFEST).exists() and not args.force:
+    manifest = engine_dir / engine_manifest.MANIFEST
+    if manifest.exists() and not args.force:
         raise EngineBuildError(f"{engine_dir} already holds engines; pass --force to rebuild")
     engine_dir.mkdir(parents=True, exist_ok=True)
     arch, gpu_name = engine_manifest.gpu_arch()
@@ -298,15 +342,17 @@ def run_build(args: argparse.Namespace) -> int:
     cache_file = engine_dir / "timing.cache"
     cache = builder.create_builder_config().create_timing_cache(cache_file.read_bytes() if cache_file.exists()
                                                                 else b"")
-    decoder_onnx = export / config["model"]["decoder"]["filename"]
+    # A rebuild (--force) drops the old manifest first: engines left half-rebuilt by an interrupt or a
+    # failure have no manifest, and the runtime refuses them by name instead of mixing old and new.
+    manifest.unlink(missing_ok=True)
     stripped = None
-    if plan.strip_function:
-        fd, name = tempfile.mkstemp(dir=export, prefix=".decoder-trt-", suffix=".onnx")
-        os.close(fd)
-        stripped = Path(name)
-        if strip_gaze_function(decoder_onnx, stripped):
-            decoder_onnx = stripped
     try:
+        if plan.strip_function:
+            fd, name = tempfile.mkstemp(dir=export, prefix=".decoder-trt-", suffix=".onnx")
+            stripped = Path(name)
+            os.close(fd)
+            if strip_gaze_function(decoder_onnx, stripped):
+                decoder_onnx = stripped
         network, _parser = _parse(trt, logger, builder, decoder_onnx)
         inputs = [network.get_input(i) for i in range(network.num_inputs)]
         profiles = [{t.name: decoder_profile(t.name, tuple(t.shape), shapes, phase) for t in inputs}
@@ -316,15 +362,15 @@ def run_build(args: argparse.Namespace) -> int:
     finally:
         if stripped is not None:
             stripped.unlink(missing_ok=True)
-    vision_onnx = export / config["model"]["vision"]["filename"]
     network, _parser = _parse(trt, logger, builder, vision_onnx)
     vin = network.get_input(0)
     print("[2/2] building vision.engine", flush=True)
     _build_engine(trt, builder, network, [{vin.name: vision_profile(tuple(vin.shape), shapes)}], cache, args,
                   engine_dir / "vision.engine")
-    cache_file.write_bytes(bytes(cache.serialize()))
+    replace_file(cache_file, bytes(cache.serialize()))
     plugin_copy = engine_dir / Path(args.plugin).name
-    shutil.copy2(args.plugin, plugin_copy)
+    replace_file(plugin_copy, Path(args.plugin).read_bytes())  # atomic, and fine when --plugin is that copy
+    shutil.copymode(args.plugin, plugin_copy)
     engine_manifest.write_manifest(
         engine_dir, tensorrt_version=trt.__version__, gpu_arch=arch, gpu_name=gpu_name, plugin_path=plugin_copy,
         engines={"decoder": {"file": "decoder.engine", "profiles": ["prefill", "decode"]},

@@ -14,9 +14,10 @@ import contextlib
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 
@@ -40,10 +41,17 @@ def signal_number(exc: KeyboardInterrupt) -> int:
 
 
 class _Hold:
-    """Depth of the sections during which signals are held, and the signal that arrived meanwhile."""
+    """Depth of the sections during which signals are held, and the signal that arrived meanwhile.
+
+    `raised`: the last signal the handler raised. Python drops an exception raised inside a
+    finalizer or weakref callback (it only prints "Exception ignored in ..."), so a signal can be
+    swallowed; the commit points (`move_folder_into_place`, `replace_files`) raise it again instead
+    of committing an output the user asked to stop.
+    """
 
     depth = 0
     pending: int | None = None
+    raised: int | None = None
 
 
 def _interrupt(signum: int) -> KeyboardInterrupt:
@@ -54,7 +62,21 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if _Hold.depth:
         _Hold.pending = _Hold.pending or signum
         return
+    _Hold.raised = signum
     raise _interrupt(signum)
+
+
+def _raise_if_swallowed() -> None:
+    """Before committing an output: a signal raised earlier that never ended the command was swallowed."""
+    if _Hold.raised is not None:
+        raise _interrupt(_Hold.raised)
+
+
+def _quiet_unraisable(info: sys.UnraisableHookArgs) -> None:
+    """Do not print a traceback for our own interrupt dropped in a finalizer (it is re-raised at commit)."""
+    if isinstance(info.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(info)
 
 
 @contextlib.contextmanager
@@ -68,6 +90,8 @@ def signals_interrupt() -> Iterator[None]:
         yield
         return
     previous = {}
+    hook, sys.unraisablehook = sys.unraisablehook, _quiet_unraisable
+    _Hold.raised = None
     for signum in SIGNALS:
         current = signal.getsignal(signum)
         if current is signal.SIG_IGN or (signum == signal.SIGINT and current is not signal.default_int_handler):
@@ -79,6 +103,8 @@ def signals_interrupt() -> Iterator[None]:
     finally:
         for signum, current in previous.items():
             signal.signal(signum, current)
+        sys.unraisablehook = hook
+        _Hold.raised = None
 
 
 class held_signals(contextlib.AbstractContextManager["held_signals"]):
@@ -165,6 +191,7 @@ def move_folder_into_place(tmp: Path, out: Path, error: type[GazeError], what: s
     signal lands between the two renames: one that arrives is raised once the new folder is in place.
     """
     os.chmod(tmp, 0o777 & ~current_umask())
+    _raise_if_swallowed()
     with held_signals():
         old = None
         if out.exists():
@@ -185,19 +212,37 @@ def replace_file(path: Path, data: bytes) -> None:
 
     The new file keeps the old one's permission bits (a new file: 0666 less the umask).
     """
+    replace_files([(path, data)])
+
+
+def replace_files(files: Sequence[tuple[Path, bytes]]) -> None:
+    """Replace several files as one step: every temp file written and fsynced first, then all renamed.
+
+    A write that fails (disk full) changes none of them; the renames (same folder each: no new
+    space needed) are one `held_signals` section, so an interrupt lands before the first or after
+    the last. No temp file stays. Each file keeps its permission bits (a new file: 0666 less the umask).
+    """
+    temps: list[Path] = []
     try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        mode = 0o666 & ~current_umask()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        for path, data in files:
+            try:
+                mode = path.stat().st_mode & 0o777
+            except OSError:
+                mode = 0o666 & ~current_umask()
+            with held_signals():  # the temp file is known to the cleanup before an interrupt can land
+                fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                temps.append(Path(name))
+                out = os.fdopen(fd, "wb")
+            with out as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(name, mode)
+        _raise_if_swallowed()
         with held_signals():
-            os.replace(tmp, path)
+            for temp, (path, _) in zip(temps, files, strict=True):
+                os.replace(temp, path)
     except BaseException:
-        remove_partial(Path(tmp))
+        for temp in temps:
+            remove_partial(temp)  # already renamed ones are gone: nothing to remove
         raise

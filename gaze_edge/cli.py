@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import DEFAULT_CHECKPOINT
+from . import DEFAULT_CHECKPOINT, console
 from . import cli_args as ca
 from .atomic import held_signals, signal_number, signals_interrupt
 from .errors import CheckpointError, GazeError, interrupt_in_chain
@@ -66,11 +66,22 @@ def _scenes(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     ca.check_checkpoint_fits(args.checkpoint, CheckpointError)
+    import json
+    import tempfile
+
     from .model import evaluate
 
     argv = [str(args.checkpoint), "--scenes", str(args.scenes)]
-    argv += ["--json", str(args.json)] if args.json else []
-    evaluate.main(argv + (["--figure", str(args.figure)] if args.figure else []))
+    argv += ["--figure", str(args.gaze_map)] if args.gaze_map else []
+    with tempfile.TemporaryDirectory(prefix="gaze-evaluate-") as tmp:
+        report = Path(tmp) / "evaluate.json"  # then written atomically, or to stdout (--json -)
+        argv += ["--json", str(report)] if args.json else []
+        # The JSON on stdout replaces the text, which then goes to stderr (docs/CLI.md: --json FILE|-).
+        to_stderr = contextlib.redirect_stdout(sys.stderr) if console.json_to_stdout(args.json) else None
+        with to_stderr or contextlib.nullcontext():
+            evaluate.main(argv)
+        if args.json:
+            console.write_json(json.loads(report.read_text()), args.json)
     return 0
 
 
@@ -97,23 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="caption generated scenes with the built-in model (PyTorch)")
-    demo.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    demo.add_argument("--scenes", type=ca.int_in(1, 10_000), default=6)
-    demo.add_argument("--seed", type=ca.seed, default=7)
+    demo.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="a gaze checkpoint folder")
+    demo.add_argument("--scenes", type=ca.int_in(1, 10_000), default=6, help="held-out scenes captioned")
+    demo.add_argument("--seed", type=ca.seed, default=7, help="seed of the scenes")
     demo.set_defaults(func=_demo)
 
     sc = sub.add_parser("scenes", help="write held-out generated scenes as PNG files (demo and calibration input)")
     sc.add_argument("-o", "--output", type=ca.output_folder, required=True, help="folder (created with its parents)")
-    sc.add_argument("--count", type=ca.int_in(1, 1_000_000), default=4)
+    sc.add_argument("--count", type=ca.int_in(1, 1_000_000), default=4, help="scenes written")
     sc.add_argument("--size", type=ca.int_in(9, 4096), default=48, help="image side in pixels (9 .. 4096)")
-    sc.add_argument("--seed", type=ca.seed, default=7)
+    sc.add_argument("--seed", type=ca.seed, default=7, help="seed of the scenes")
     sc.set_defaults(func=_scenes)
 
     ev = sub.add_parser("evaluate", help="held-out caption accuracy and where the model looks")
-    ev.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT)
-    ev.add_argument("--scenes", type=ca.int_in(1, 1_000_000), default=500)
-    ev.add_argument("--json", type=ca.output_file(".json"))
-    ev.add_argument("--figure", type=ca.output_file(".png"), help="draw gaze maps of a few held-out scenes to this PNG")
+    ev.add_argument("checkpoint", type=Path, nargs="?", default=DEFAULT_CHECKPOINT,
+                    help=f"a gaze checkpoint folder (default: {DEFAULT_CHECKPOINT})")
+    ev.add_argument("--scenes", type=ca.int_in(1, 1_000_000), default=500, help="held-out scenes captioned")
+    console.add_json_flag(ev, "the accuracy report", ca.output_file(".json", stdout=True))
+    ev.add_argument("--gaze-map", type=ca.output_file(".png"), default=None, metavar="FILE.png",
+                    help="draw gaze maps of a few held-out scenes to this PNG")
+    console.add_renamed(ev, "--figure", "--gaze-map")
     ev.set_defaults(func=_evaluate)
 
     # Parser modules import nothing heavy at module level: `gaze caption` on a device needs
@@ -129,16 +143,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
     add_convert_parser(sub)
-    build = add_build_parser(sub)
-    ca.retype(build, max_batch=ca.int_in(1, 4096), max_prefill=ca.int_in(1, 1 << 20),
-              workspace_mib=ca.int_in(1, 1 << 24))
+    add_build_parser(sub)
     add_caption_parser(sub)
     add_profile_parser(sub)
     add_calibrate_parser(sub)
     add_quantize_parser(sub)
     add_chat_serve_parsers(sub)
     add_bench_parser(sub)
+    parser.add_argument("--version", action="version", version=f"gaze {version()}")
+    console.add_verbosity_flags(parser, top=True)
+    for p in console.walk_parsers(parser):  # one look for every subcommand, wherever its parser is built
+        console.use_help_formatter(p)
+        if p is not parser and "-v" not in p._option_string_actions:
+            console.add_verbosity_flags(p, top=False)
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (gaze_edge.__version__ when run from a source tree)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("gaze-edge")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _set_verbosity(args: argparse.Namespace) -> None:
+    level = 1 + int(getattr(args, "verbose", 0)) - int(getattr(args, "quiet", 0))
+    console.set_verbosity(level)
+    if level < 1:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # tqdm's own switch: bars that do not pass disable= go quiet
 
 
 def _interrupted(exc: KeyboardInterrupt) -> int:
@@ -150,7 +187,9 @@ def _interrupted(exc: KeyboardInterrupt) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     ca.require(args.command, REQUIRES.get(args.command, ()))
-    return int(args.func(args))
+    status = int(args.func(args))
+    sys.stdout.flush()  # inside the handlers: a reader that left (`| head`) is a BrokenPipeError caught below
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,8 +200,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 args = build_parser().parse_args(argv)
                 command = f"gaze {args.command}"
+                check = getattr(args, "usage_check", None)  # combinations of arguments a parser cannot check
+                problem = check(args) if check is not None else None
+                if problem is not None:
+                    args.usage_parser.error(problem)
             except SystemExit as exc:  # --help (0) or a usage error, already printed as one line (2)
+                sys.stdout.flush()
                 return exc.code if isinstance(exc.code, int) else 2
+            _set_verbosity(args)
             return _run(args)
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP (gaze_edge.atomic.Interrupted)
             return _interrupted(exc)
@@ -185,10 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except MemoryError:
             ca.print_error("out of memory: use fewer or smaller inputs (images, --batch, --max-new-tokens)")
             return 1
-        except BrokenPipeError:  # `gaze caption ... | head`: the reader left; say nothing more on stdout
-            with contextlib.suppress(OSError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
+        except BrokenPipeError:  # `gaze caption ... | head`: the reader left; stop quietly, as SIGPIPE would
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit: no error
+            return 128 + signal.SIGPIPE
         except OSError as exc:  # a write failed (disk full, permissions) after the command started
             ca.print_error(str(exc))
             return 1

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import GazeError, MissingExtraError, interrupt_in_chain
+from .memory import check_weights_fit
+from .memory import gib as gib  # re-exported: the memory helpers live in gaze_edge/memory.py (stdlib only)
+from .memory import total_memory_bytes as total_memory_bytes
+from .memory import weight_bytes_lower_bound as weight_bytes_lower_bound
 
 #: Largest seed accepted (numpy's SeedSequence and torch.manual_seed both take 0 .. 2**64 - 1).
 MAX_SEED = 2**64 - 1
@@ -145,13 +149,6 @@ def output_folder(value: str) -> Path:
 output_folder.__name__ = "folder"
 
 
-def retype(parser: argparse.ArgumentParser, **types: Callable[[str], Any]) -> None:
-    """Give the options `dest=type` of a parser built elsewhere one of the checks above (default values kept)."""
-    found = {a.dest: a for a in parser._actions}
-    for dest, type_ in types.items():
-        found[dest].type = type_
-
-
 def read_text(path: Path, what: str, fix: str, error: type[GazeError]) -> str:
     """The UTF-8 text of `path`; `error` naming the file, the problem and `fix` otherwise."""
     try:
@@ -162,47 +159,6 @@ def read_text(path: Path, what: str, fix: str, error: type[GazeError]) -> str:
         raise error(f"cannot read {what} {path} ({exc.strerror or exc}); {fix}") from exc
 
 
-def total_memory_bytes() -> int | None:
-    """Physical memory of this machine (os.sysconf), None where it cannot be read."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.1f} GiB"
-
-
-def _ints(data: dict[str, Any], *names: str) -> list[int] | None:
-    values = [data.get(n) for n in names]
-    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
-    return [int(v) for v in values] if ok else None  # type: ignore[arg-type]
-
-
-def weight_bytes_lower_bound(config: dict[str, Any]) -> int:
-    """fp32 bytes the model of a checkpoint's config.json surely allocates: embedding, MLPs, attention projections.
-
-    A lower bound (biases, norms, the LM head and the projector left out), from the config alone: it
-    can be compared with the machine before torch is imported or any tensor exists. Fields that
-    are missing or not positive integers count 0 (the checkpoint loader names them).
-    """
-    total = 0
-    embed = _ints(config, "vocab_size", "hidden_size")
-    if embed:
-        total += embed[0] * embed[1]
-    text = _ints(config, "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                 "num_key_value_heads", "head_dim")
-    if text:
-        layers, hidden, inter, heads, kv, hd = text
-        total += layers * (2 * hidden * inter + 2 * hidden * heads * hd + 2 * hidden * kv * hd)
-    vision = _ints(config, "vision_num_layers", "vision_hidden_size", "vision_intermediate_size")
-    if vision:
-        layers, hidden, inter = vision
-        total += layers * (2 * hidden * inter + 4 * hidden * hidden)
-    return 4 * total
-
-
 def check_checkpoint_fits(checkpoint: Path, error: type[GazeError]) -> None:
     """Refuse a checkpoint whose config.json sizes need more memory than this machine has, before loading it."""
     import json
@@ -211,13 +167,8 @@ def check_checkpoint_fits(checkpoint: Path, error: type[GazeError]) -> None:
         config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # missing or unreadable: the checkpoint loader says so with its own message
-    if not isinstance(config, dict):
-        return
-    need, have = weight_bytes_lower_bound(config), total_memory_bytes()
-    if have is not None and need > have:
-        raise error(f"{checkpoint / 'config.json'} describes a model of at least {gib(need)} of fp32 weights; this "
-                    f"machine has {gib(have)} of memory: check its sizes (hidden_size, intermediate_size, "
-                    "num_hidden_layers, vocab_size) or use a machine with more memory")
+    if isinstance(config, dict):
+        check_weights_fit(config, checkpoint / "config.json", error)
 
 
 #: The extra that installs each optional top-level package.

@@ -3,7 +3,8 @@
 A checkpoint folder holds config.json, model.safetensors, tokenizer.json,
 tokenizer_config.json and preprocessor_config.json. Loading never unpickles: tensors
 come from safetensors only, and each problem (missing file, bad JSON, wrong model type,
-missing or extra tensor, wrong shape or dtype) is reported by name as CheckpointError.
+missing or extra tensor, wrong shape or dtype, a config whose fp32 weights alone exceed this
+machine's memory) is reported by name as CheckpointError, the last before torch allocates anything.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gaze_edge.errors import CheckpointError
+from gaze_edge.memory import check_weights_fit
 
 from .configuration import GazeConfig
 from .modeling import GazeForConditionalGeneration
@@ -56,6 +58,8 @@ def load_config(path: str | Path) -> GazeConfig:
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{config_file}: {exc}") from exc
     config.validate()
+    # Before any tensor exists: a config whose weights alone exceed this machine's memory is refused by name.
+    check_weights_fit(config.to_dict(), config_file, CheckpointError)
     return config
 
 

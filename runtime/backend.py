@@ -82,6 +82,7 @@ class Backend(abc.ABC):
 def create_backend(name: str, folder: ExportFolder, threads: int | None = None,
                    provider: str | None = None, spinning: bool = True) -> Backend:
     """The backend called `name`, or BackendError saying which exist and what is missing."""
+    check_threads(threads)
     if name == "onnxruntime":
         return OrtBackend(folder, threads=threads, provider=provider, spinning=spinning)
     if name == "tensorrt":
@@ -109,6 +110,21 @@ def check_top_k_metadata(folder: ExportFolder, metadata: dict[str, str]) -> None
                            "interrupted `gaze calibrate`?); run `gaze calibrate` on it again or re-export")
 
 
+MAX_THREADS = 1024  # as `--threads` (gaze_edge/cli_args.py)
+
+
+def check_threads(threads: int | None) -> None:
+    """None (ONNX Runtime's default) or an integer in 1 .. MAX_THREADS; else InputError.
+
+    0 used to mean the default silently and a negative count went through to ONNX Runtime.
+    """
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise InputError(f"threads must be None (ONNX Runtime's default) or an integer in 1 .. {MAX_THREADS}, "
+                         f"got {threads!r}")
+
+
 class OrtBackend(Backend):
     """ONNX Runtime with I/O binding: the cache buffers are bound, never copied by the runtime."""
 
@@ -116,6 +132,7 @@ class OrtBackend(Backend):
 
     def __init__(self, folder: ExportFolder, threads: int | None = None, provider: str | None = None,
                  share_buffers: bool = True, spinning: bool = True) -> None:
+        check_threads(threads)
         super().__init__(folder)
         self.share_buffers = share_buffers
         try:
@@ -137,7 +154,7 @@ class OrtBackend(Backend):
         options.log_severity_level = 3
         if not spinning:  # when sessions alternate (benchmarks), a spinning pool steals the other's time
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
+        if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         try:
@@ -148,6 +165,8 @@ class OrtBackend(Backend):
                                "(a --trt-compat export has no GazeAttention function for ONNX Runtime)") from exc
         self._check_graph()
         self.io = self.decoder.io_binding()
+        self._shrink = ort.RunOptions()
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self._queries: list[np.ndarray] | None = None
 
     def _check_graph(self) -> None:
@@ -268,7 +287,9 @@ class OrtBackend(Backend):
         self._bind_call(embeds, gaze, positions)
         self.write_offset[0] = write_offset
         start = time.perf_counter()
-        self.decoder.run_with_iobinding(self.io)
+        # A prefill call's scores grow with the context; letting ORT's arena keep each call's peak made a
+        # 23k-token prefill reach 24 GB. Prefill calls give the arena back afterwards; decode steps keep it.
+        self.decoder.run_with_iobinding(self.io, self._shrink if embeds.shape[1] > 1 else None)
         self.session_seconds += time.perf_counter() - start
         if not self.share_buffers:
             self._swap()

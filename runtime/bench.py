@@ -16,7 +16,6 @@ Numbers measure this machine and this backend; they are not tests.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -24,10 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
+from gaze_edge import cli_args as ca
+from gaze_edge import console
 from gaze_edge.errors import InputError
 
 from .cache import SlotState
@@ -203,21 +204,6 @@ def _positive(text: str) -> int:
     return value[0]
 
 
-def _write_json(report: dict[str, Any], path: str | None) -> None:
-    if path is None:
-        return
-    text = json.dumps(report, indent=2)
-    if path == "-":
-        sys.stdout.write(text + "\n")
-        return
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise InputError(f"--json {path}: folder {target.parent} does not exist")
-    tmp = target.with_name(f".{target.name}.partial")
-    tmp.write_text(text + "\n")
-    tmp.replace(target)
-
-
 def run_op(args: argparse.Namespace) -> int:
     cases = [OpCase(visual, args.keep, batch, args.kv_heads, args.group, args.head_dim, args.region_tokens,
                     args.text_tokens, args.dtype, args.routing)
@@ -228,16 +214,17 @@ def run_op(args: argparse.Namespace) -> int:
         raise InputError(f"the largest case needs a {cache_bytes / 2**30:.1f} GiB cache; use fewer --visual-tokens "
                          "or a smaller --batch")
     rows = []
+    out = _table_stream(args)
     print(f"{'visual':>7} {'batch':>5} {'R':>5} {'k':>4} {'gaze ms':>9} {'dense ms':>9} {'speedup':>8} "
-          f"{'ideal':>7} {'of ideal':>8}", flush=True)
+          f"{'ideal':>7} {'of ideal':>8}", file=out, flush=True)
     for case in cases:
         r = run_op_case(case, args.threads, args.warmup, args.repeats)
         rows.append(r)
         print(f"{case.visual_tokens:>7} {case.batch:>5} {case.regions:>5} {case.top_k:>4} "
               f"{r['gaze']['median_ms']:>9.3f} {r['dense']['median_ms']:>9.3f} {r['speedup']:>7.2f}x "
-              f"{r['ideal_ratio']:>6.2f}x {r['speedup_of_ideal']:>8.2f}", flush=True)
-    _write_json({"bench": "op", "backend": "onnxruntime-cpu", "threads": args.threads, "warmup": args.warmup,
-                 "repeats": args.repeats, "machine": machine(), "results": rows}, args.json)
+              f"{r['ideal_ratio']:>6.2f}x {r['speedup_of_ideal']:>8.2f}", file=out, flush=True)
+    console.write_json({"bench": "op", "backend": "onnxruntime-cpu", "threads": args.threads, "warmup": args.warmup,
+                        "repeats": args.repeats, "machine": machine(), "results": rows}, args.json)
     return 0
 
 
@@ -292,13 +279,14 @@ def run_decode(args: argparse.Namespace) -> int:
               "context_tokens": context, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
               "machine": machine(), "results": results, "speedup": speedup,
               "bytes_per_step": {"weights": weights, **kv}, "ideal_ratio": ideal, "speedup_of_ideal": speedup / ideal}
+    out = _table_stream(args)
     for name in ("gaze", "dense"):
         r = results[name]
         print(f"{name:>5}: decode {r['median_ms']:.2f} ms/token median (p90 {r['p90_ms']:.2f}), "
-              f"{r['tokens_per_s']:.1f} tokens/s in total; prefill {r['prefill_ms']:.0f} ms")
+              f"{r['tokens_per_s']:.1f} tokens/s in total; prefill {r['prefill_ms']:.0f} ms", file=out)
     print(f"dense / gaze: {speedup:.2f}x; ideal by bytes read per step {ideal:.2f}x ({speedup / ideal:.2f} of ideal); "
-          f"context {context} tokens, batch {args.batch}")
-    _write_json(report, args.json)
+          f"context {context} tokens, batch {args.batch}", file=out, flush=True)
+    console.write_json(report, args.json)
     return 0
 
 
@@ -307,10 +295,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks: one GazeAttention layer (op) or the decode loop (decode)")
     sub = p.add_subparsers(dest="bench_command", required=True)
     op = sub.add_parser("op", help="one GazeAttention layer, gaze vs dense decode step over the same cache",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=console.HelpFormatter)
     op.add_argument("--visual-tokens", type=_ints, default=[4096, 16384], help="comma-separated list")
     op.add_argument("--keep", type=_fraction, default=0.1, help="fraction of regions each gaze query keeps")
-    op.add_argument("--batch", type=_ints, default=[1, 4], help="comma-separated list")
+    op.add_argument("--batch", type=_ints, default=[1, 4], help="sequences per batch: a comma-separated list")
     op.add_argument("--kv-heads", type=_positive, default=2)
     op.add_argument("--group", type=_positive, default=7, help="query heads per KV head")
     op.add_argument("--head-dim", type=_positive, default=64)
@@ -322,14 +310,15 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     _timing_flags(op)
     op.set_defaults(func=run_op)
     dec = sub.add_parser("decode", help="decode loop of an export, gaze vs dense steps",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=console.HelpFormatter)
     dec.add_argument("export", type=Path, help="export folder written by `gaze export`")
-    dec.add_argument("--dense", type=Path, default=None,
-                     help="a dense twin's export (default: the same export with gaze turned off)")
+    dec.add_argument("--dense", type=Path, default=None, metavar="EXPORT",
+                     help="a dense twin's export for the dense steps (default: this export with gaze turned off)")
     group = dec.add_mutually_exclusive_group()
-    group.add_argument("--images", type=_positive, default=1, help="images per prompt")
-    group.add_argument("--frames", type=_positive, default=0, help="video frames per prompt (instead of images)")
-    dec.add_argument("--batch", type=_positive, default=1)
+    group.add_argument("--images", type=ca.int_in(1, 1024), default=1, help="images per prompt (generated pixels)")
+    group.add_argument("--frames", type=ca.int_in(1, 1024), default=0,
+                       help="video frames per prompt, instead of images (generated pixels; 0: images)")
+    dec.add_argument("--batch", type=ca.int_in(1, 4096), default=1, help="sequences per batch")
     dec.add_argument("--prefill-chunk", type=_positive, default=256,
                      help="tokens per prefill call (never inside an image); bounds prefill memory")
     _timing_flags(dec)
@@ -338,7 +327,12 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _timing_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=_positive, default=1, help="ONNX Runtime intra-op threads")
-    p.add_argument("--warmup", type=_positive, default=3)
-    p.add_argument("--repeats", type=_positive, default=20)
-    p.add_argument("--json", default=None, metavar="FILE|-", help="write the report as JSON")
+    p.add_argument("--threads", type=ca.threads, default=1, help="intra-op threads of the backend, 1 .. 1024")
+    p.add_argument("--warmup", type=ca.non_negative_int, default=3, help="untimed rounds first")
+    p.add_argument("--repeats", type=ca.int_in(1, 1_000_000), default=20, help="timed rounds")
+    console.add_json_flag(p, "the report", ca.output_file(".json", stdout=True))
+
+
+def _table_stream(args: argparse.Namespace) -> TextIO:
+    """The table goes to stdout, or to stderr when the JSON report takes stdout (`--json -`)."""
+    return sys.stderr if console.json_to_stdout(args.json) else sys.stdout

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gaze_edge.errors import InputError
+from gaze_edge.memory import gib, total_memory_bytes
 
 from .folder import ModelShape
 
@@ -36,15 +37,21 @@ class CacheSpec:
 
     @classmethod
     def plan(cls, shape: ModelShape, batch: int, capacity: int) -> CacheSpec:
-        """Check the request against the export; raise InputError before anything is allocated."""
+        """Check the request against the export and this machine's memory; InputError before anything is allocated."""
         if batch < 1:
             raise InputError("a batch needs at least one prompt")
         if capacity > shape.max_seq_len:
             raise InputError(f"the prompt and new tokens need {capacity} cache slots; this export holds "
                              f"{shape.max_seq_len} (gaze export --max-seq-len): shorten the prompt, use fewer "
                              "images or --max-new-tokens, or re-export with a larger --max-seq-len")
-        return cls(batch, capacity, shape.num_layers, shape.kv_heads, shape.head_dim, shape.num_regions,
-                   shape.itemsize, shape.max_region_tokens)
+        spec = cls(batch, capacity, shape.num_layers, shape.kv_heads, shape.head_dim, shape.num_regions,
+                   shape.itemsize, shape.max_region_tokens)  # sizes only: nothing is allocated yet
+        need, have = spec.total_bytes, total_memory_bytes()
+        if have is not None and need > have:
+            raise InputError(f"{batch} sequence(s) of {capacity} cache slots need {gib(need)} of KV cache, "
+                             f"descriptors and layout tables; this machine has {gib(have)}: use a smaller batch, "
+                             "fewer images or fewer new tokens")
+        return spec
 
     @property
     def kv_shape(self) -> tuple[int, int, int, int]:
@@ -69,6 +76,11 @@ class CacheSpec:
         """The layout tables (SlotState): per-slot metadata, the dense list at its largest, the region tables."""
         regions = self.batch * self.num_regions * (REGION_TABLE_BYTES + 8 * self.max_region_tokens)
         return self.batch * self.capacity * SLOT_BYTES + regions
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything one generation allocates for its cache: K/V, descriptor sums and the layout tables."""
+        return self.kv_bytes + self.desc_bytes + self.slot_bytes
 
 
 class SlotState:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from gaze_edge import cli_args as ca
+from gaze_edge import console
 from gaze_edge.errors import InputError
 
 CHAT_HELP = """commands (a line that starts with '/'):
@@ -31,29 +31,15 @@ any other line is a message; the reply streams as it is generated."""
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("export", type=Path, help="export folder written by `gaze export`")
-    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
-    p.add_argument("--threads", type=ca.threads, default=None, help="intra-op threads of the backend (1 .. 1024)")
+    from .cli import common_flags
 
-
-def _sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int, what: str) -> None:
-    p.add_argument("--max-new-tokens", type=ca.int_in(1, 1 << 20), default=max_new_tokens,
-                   help=f"{what} (default {max_new_tokens})")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy")
-    p.add_argument("--temperature", type=ca.number_in(0, math.inf), default=1.0, help="finite, >= 0 (0: greedy)")
-    p.add_argument("--top-k", type=ca.non_negative_int, default=0, help="0: off")
-    p.add_argument("--top-p", type=ca.number_in(0, 1, low_open=True), default=1.0, help="in (0, 1]; 1: off")
-    p.add_argument("--repetition-penalty", type=ca.number_in(0, 1e6, low_open=True), default=1.0,
-                   help="finite, > 0 (1: off)")
-    p.add_argument("--seed", type=ca.seed, default=None, help=f"0 .. {ca.MAX_SEED}")
+    common_flags(p)
 
 
 def _sampling(args: argparse.Namespace) -> Any:
-    from .sampling import SamplingConfig
+    from .cli import sampling_from_args
 
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed)
+    return sampling_from_args(args)
 
 
 def add_chat_serve_parsers(subparsers: Any) -> None:
@@ -63,20 +49,21 @@ def add_chat_serve_parsers(subparsers: Any) -> None:
 
 
 def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from .cli import frames_flag, sampling_flags
+
     p = subparsers.add_parser("chat", help="multi-turn chat with an exported model (KV cache kept across turns)",
                               description="Chat on stdin/stdout; images attach per turn. " + CHAT_HELP,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=console.RawHelpFormatter)
     _common(p)
     p.add_argument("--image", type=Path, action="append", default=[],
                    help="image for the first message (repeatable)")
-    p.add_argument("--video", type=Path, default=None, help="video whose --frames frames go with the first message")
-    p.add_argument("--frames", type=ca.int_in(1, 1024), default=None,
-                   help="frames sampled evenly from each video (default: the export's max images)")
+    p.add_argument("--video", type=Path, default=None, metavar="FILE",
+                   help="video whose --frames frames go with the first message")
+    frames_flag(p, "frames sampled evenly from each video (--video, /video)")
     p.add_argument("--capacity", type=ca.positive_int, default=None,
                    help="cache slots of the conversation (default: the export's max_seq_len)")
-    _sampling_flags(p, 64, "most tokens one reply generates")
-    p.add_argument("--json", type=ca.output_file(".json", stdout=True), default=None,
-                   help="write the transcript with per-turn numbers to FILE at the end ('-': stdout, no streaming)")
+    sampling_flags(p, 64, "most tokens one reply generates")
+    console.add_json_flag(p, "the transcript with per-turn numbers, at the end,", ca.output_file(".json", stdout=True))
     p.set_defaults(func=run_chat)
     return p
 
@@ -119,7 +106,7 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
         first, first_frames = load_video(args.video, frames_default).frames, True
     session = ChatSession(rt, sampling, capacity=args.capacity)
     to_json = args.json is not None
-    out = _Out(sys.stdout, enabled=not (to_json and str(args.json) == "-"))
+    out = _Out(sys.stdout, enabled=not console.json_to_stdout(args.json))
     tty = stdin.isatty()
     pending, pending_frames = list(first), first_frames
     transcript: list[dict[str, Any]] = []
@@ -172,18 +159,17 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
             for piece in turn:
                 out.write(piece)
             out.write("\n")
-            print(f"[turn {len(session.turns)}] {turn.stats.summary()}", file=sys.stderr, flush=True)
+            console.progress(f"[turn {len(session.turns)}] {turn.stats.summary()}")
             transcript.append({"user": line, "images": attached, "reply": turn.text, "stats": turn.stats.as_dict()})
         except InputError as exc:  # a refused message or command: say so, keep the conversation
             print(f"gaze: error: {exc}", file=sys.stderr, flush=True)
     if to_json:
         report = {"export": str(rt.folder.path), "capacity": session.capacity, "turns": transcript,
                   "messages": session.messages}
-        text = json.dumps(report, indent=2) + "\n"
-        if str(args.json) == "-":
-            _Out(sys.stdout).write(text)
+        if console.json_to_stdout(args.json):
+            _Out(sys.stdout).write(json.dumps(report, indent=2) + "\n")
         else:
-            args.json.write_text(text)
+            console.write_json(report, args.json)
     return 0
 
 
@@ -199,8 +185,10 @@ video_url parts sampled to --frames frames. docs/RUNTIME.md has curl and openai-
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from .cli import frames_flag
+
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /metrics)",
-                              description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=SERVE_HELP, formatter_class=console.RawHelpFormatter)
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=ca.int_in(0, 65535), default=8000, help="TCP port (default 8000)")
@@ -215,8 +203,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="most images or video frames in one request (default: the export's max images)")
     p.add_argument("--max-queue", type=ca.non_negative_int, default=32,
                    help="requests that may wait behind the running one; more get 503 (default 32)")
-    p.add_argument("--frames", type=ca.int_in(1, 1024), default=None,
-                   help="frames sampled evenly from each video_url part (default: the export's max images)")
+    frames_flag(p, "frames sampled evenly from each video_url part")
     p.add_argument("--allow-local-files", type=Path, action="append", default=[], metavar="DIR",
                    help="accept image/video paths (or file:// URLs) inside DIR (repeatable; default: none)")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image and video URLs")
@@ -261,7 +248,7 @@ def run_serve(args: argparse.Namespace) -> int:
     rt = GazeRuntime.load(args.export, backend=args.backend, threads=args.threads)  # loaded once, before listening
     app = server.create_app(rt, config)
     key = "on" if config.api_key else "off"
-    print(f"gaze serve: {config.model_name} on http://{args.host}:{args.port}/v1 (one engine, requests queued: "
-          f"at most {config.max_queue} waiting; API key {key})", file=sys.stderr, flush=True)
+    console.progress(f"gaze serve: {config.model_name} on http://{args.host}:{args.port}/v1 (one engine, requests "
+                     f"queued: at most {config.max_queue} waiting; API key {key})")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from gaze_edge.cli_args import gib, total_memory_bytes
 from gaze_edge.errors import CheckpointError, GazeError, InputError
 from gaze_edge.jsonfile import read_json_object
+from gaze_edge.memory import gib, total_memory_bytes
 from gaze_edge.model.processing import GazeProcessor
 from gaze_edge.reference import region_index_map
 
@@ -49,7 +49,7 @@ def sequence_bytes(num_layers: int, kv_heads: int, head_dim: int, itemsize: int,
     return kv + num_layers * kv_heads * num_regions * head_dim * 4
 
 
-def _resolve_inside(root: Path, name: Any, what: str) -> Path:
+def resolve_inside(root: Path, name: Any, what: str) -> Path:
     """root / name for a file name read from gaze_config.json; ExportFolderError if it could leave root."""
     config = root / CONFIG_FILE
     if not isinstance(name, str) or not name or "\0" in name:
@@ -252,7 +252,7 @@ class ExportFolder:
                                     "re-run `gaze export`") from exc
         check_links(path)
         for part, name in names.items():
-            if not _resolve_inside(path, name, f"the {part} file").is_file():
+            if not resolve_inside(path, name, f"the {part} file").is_file():
                 raise ExportFolderError(f"{path} has no {name}: the export is incomplete; re-run `gaze export`")
         folder = cls(path, config, shape, tokens, search, processor)
         folder._check_consistent()
@@ -260,7 +260,7 @@ class ExportFolder:
 
     def file(self, name: str, what: str = "file") -> Path:
         """`name` inside the folder (relative, no '..', no link out of it): the only way files are opened."""
-        return _resolve_inside(self.path, name, what)
+        return resolve_inside(self.path, name, what)
 
     def shortest_prompt_tokens(self) -> int:
         """Tokens of the default prompt with one image: the least any caption needs (plus one new token)."""

@@ -175,44 +175,53 @@ def test_per_layer_top_k_written_runs_in_onnx_runtime_like_pytorch(export_copy: 
     assert attrs == top_k
 
 
-def test_interrupted_rewrite_is_refused_by_the_runtime_and_repaired(export_copy: Path, monkeypatch):
+def test_copies_that_disagree_are_refused_by_the_runtime_and_repaired(export_copy: Path, monkeypatch):
+    """write_top_k replaces both files as one step (signals: tests/test_hardening.py); should the copies still
+    disagree (the second rename failing, a machine crash), the runtime refuses the folder by name and a
+    second write repairs it."""
     before = {p.name: p.read_bytes() for p in export_copy.iterdir() if p.is_file()}
-    real = bg.replace_file
-    calls = []
+    real, calls = atomic.os.replace, []
 
-    def second_fails(path, data):
-        calls.append(path.name)
+    def second_fails(a, b):
+        calls.append(Path(b).name)
         if len(calls) == 2:
-            raise KeyboardInterrupt
-        real(path, data)
+            raise OSError(13, "Permission denied")
+        real(a, b)
 
-    monkeypatch.setattr(bg, "replace_file", second_fails)
-    with pytest.raises(KeyboardInterrupt):
-        bg.write_top_k(ExportFolder.open(export_copy), [3] * len(ExportFolder.open(export_copy).shape.top_k_per_layer),
-                       {})
+    monkeypatch.setattr(atomic.os, "replace", second_fails)
+    folder = ExportFolder.open(export_copy)
+    with pytest.raises(OSError):
+        bg.write_top_k(folder, [3] * folder.shape.num_layers, {})
+    monkeypatch.undo()
     assert calls == ["decoder.onnx", "gaze_config.json"]
     assert (export_copy / "gaze_config.json").read_bytes() == before["gaze_config.json"]
     assert not [p for p in export_copy.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
     with pytest.raises(BackendError, match="interrupted `gaze calibrate`"):
         GazeRuntime.load(export_copy, threads=1)
-    monkeypatch.setattr(bg, "replace_file", real)
     folder = ExportFolder.open(export_copy)
     bg.write_top_k(folder, [3] * folder.shape.num_layers, {})
     GazeRuntime.load(export_copy, threads=1)  # consistent again
 
 
-def test_failed_first_write_changes_nothing(export_copy: Path, monkeypatch):
+def test_failed_write_changes_nothing(export_copy: Path, monkeypatch):
+    """Both temp files are written before either is renamed: a full disk at either changes nothing."""
     before = {p.name: p.read_bytes() for p in export_copy.iterdir() if p.is_file()}
+    for fail_at in (1, 2):
+        calls = []
 
-    def full_disk(path, data, real=bg.replace_file):
-        raise OSError(28, "No space left on device")
+        def full_disk(fd, real=atomic.os.fsync, fail_at=fail_at, calls=calls):
+            calls.append(fd)
+            if len(calls) == fail_at:
+                raise OSError(28, "No space left on device")
+            real(fd)
 
-    monkeypatch.setattr(bg, "replace_file", full_disk)
-    folder = ExportFolder.open(export_copy)
-    with pytest.raises(OSError):
-        bg.write_top_k(folder, [1] * folder.shape.num_layers, {})
-    after = {p.name: p.read_bytes() for p in export_copy.iterdir() if p.is_file()}
-    assert after == before
+        monkeypatch.setattr(atomic.os, "fsync", full_disk)
+        folder = ExportFolder.open(export_copy)
+        with pytest.raises(OSError):
+            bg.write_top_k(folder, [1] * folder.shape.num_layers, {})
+        monkeypatch.undo()
+        after = {p.name: p.read_bytes() for p in export_copy.iterdir() if p.is_file()}
+        assert after == before and len(calls) == fail_at
 
 
 def test_replace_leaves_no_temp_file_on_error(tmp_path: Path, monkeypatch):

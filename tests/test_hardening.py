@@ -8,6 +8,7 @@ missing extras, exit codes, folder modes, install metadata.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -106,9 +107,9 @@ BAD_ARGUMENTS = [
     ([*CAP, "--gaze-map", "{T}"], "{T} is a folder; give a file name"),
     ([*CAP, "--gaze-map", "{T}/map.jpg"], "{T}/map.jpg must end with .png"),
     ([*CAP, "--prompt", "caf\udce9"], "--prompt: is not valid UTF-8 text"),
-    (["caption", "{E}"], "the following arguments are required: images"),
+    (["caption", "{E}"], "nothing to caption: give IMAGE files or --video FILE"),
     (["profile", "{E}", "--batch", "0"], "--batch: must be an integer in 1 .. 4096"),
-    (["profile", "{E}", "--new-tokens", "0"], "--new-tokens: must be an integer in 1 .."),
+    (["profile", "{E}", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer in 1 .."),
     (["profile", "{E}", "--images", "0"], "--images: must be an integer in 1 .. 1024"),
     (["profile", "{E}", "--frames", "-1"], "--frames: must be an integer in 1 .. 1024"),
     (["profile", "{E}", "--json", "{T}"], "{T} is a folder; give a file name"),
@@ -144,6 +145,17 @@ BAD_ARGUMENTS = [
     (["build", "{E}", "--max-batch", "0"], "--max-batch: must be an integer in 1 .. 4096"),
     (["build", "{E}", "--max-prefill", "-1"], "--max-prefill: must be an integer in 1 .."),
     (["build", "{E}", "--workspace-mib", "0"], "--workspace-mib: must be an integer in 1 .."),
+    (["build", "{E}", "--engine-dir", "{T}/file.txt"], "--engine-dir: {T}/file.txt exists and is not a folder"),
+    (["convert", "{C}", "-o", "{T}/g", "--region-size", "0x3", "--top-k", "2"], "--region-size: expected RHxRW"),
+    (["convert", "{C}", "-o", "{T}/g", "--region-size", "3x3", "--top-k", "0"], "--top-k: top_k values must be >= 1"),
+    (["convert", "{C}", "-o", "{T}/g", "--region-size", "3x3", "--top-k", "2", "--context-tokens", "-1"],
+     "--context-tokens: must be an integer in 0 .. 256, got -1"),
+    (["convert", "{C}", "-o", "{T}/g", "--region-size", "3x3", "--top-k", "2", "--image-size", "0"],
+     "--image-size: must be an integer in 1 .. 8192, got 0"),
+    (["serve", "{E}", "--port", "70000"], "--port: must be an integer in 0 .. 65535, got 70000"),
+    (["serve", "{E}", "--max-queue", "-1"], "--max-queue: must be an integer >= 0, got -1"),
+    (["serve", "{E}", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer in 1 .."),
+    (["chat", "{E}", "--capacity", "0"], "--capacity: must be an integer >= 1, got 0"),
 ]
 
 
@@ -173,6 +185,49 @@ def test_the_python_api_checks_the_same_ranges(tmp_path: Path):
     with pytest.raises(InputError, match="--opset 17 is not supported"):
         run_export(args)
     assert listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("threads", [0, -1, -4, 1025, True, 2.0])
+def test_the_python_api_refuses_bad_thread_counts(export_copy: Path, threads):
+    """0 used to mean the default silently and negatives reached ONNX Runtime; None is the default."""
+    from gaze_edge.calibrate import quantize as qz
+    from gaze_edge.runtime.backend import OrtBackend, create_backend
+    from gaze_edge.runtime.generate import GazeRuntime
+
+    folder = ExportFolder.open(export_copy)
+    message = re.escape(f"threads must be None (ONNX Runtime's default) or an integer in 1 .. 1024, got {threads!r}")
+    with pytest.raises(InputError, match=message):
+        OrtBackend(folder, threads=threads)
+    with pytest.raises(InputError, match=message):
+        GazeRuntime.load(export_copy, threads=threads)
+    with pytest.raises(InputError, match=message):  # the TensorRT backend too, before TensorRT is looked for
+        create_backend("tensorrt", folder, threads=threads)
+    with pytest.raises(InputError, match=message):  # before any image is read
+        qz.check_options(qz.QuantizeOptions(held_out=export_copy, threads=threads))
+    assert OrtBackend(folder, threads=None).decoder is not None  # the default
+    assert OrtBackend(folder, threads=1).decoder.get_session_options().intra_op_num_threads == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-batch", "0"], "--max-batch: must be an integer in 1 .. 4096, got 0"),
+    (["--max-batch", "4097"], "--max-batch: must be an integer in 1 .. 4096, got 4097"),
+    (["--max-prefill", "2.5"], "--max-prefill: expected an integer, got '2.5'"),
+    (["--workspace-mib", "-1"], "--workspace-mib: must be an integer in 1 .."),
+    (["--engine-dir", "{T}/file.txt"], "--engine-dir: {T}/file.txt exists and is not a folder"),
+])
+def test_the_build_parser_checks_its_own_arguments(argv, message, tmp_path: Path, capsys):
+    """The types live in add_build_parser itself (no retyping in gaze_edge/cli.py): any parser that adds it checks."""
+    from gaze_edge import cli_args as ca
+    from gaze_edge.export.trt_build import add_build_parser
+
+    (tmp_path / "file.txt").write_text("a file")
+    parser = ca.GazeArgumentParser(prog="gaze")
+    add_build_parser(parser.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["build", str(tmp_path), *(a.format(T=tmp_path) for a in argv)])
+    assert info.value.code == 2
+    assert message.format(T=tmp_path) in one_line_error(capsys.readouterr().err)
+    assert not hasattr(gaze_cli.ca, "retype")
 
 
 def test_help_exits_0(capsys):
@@ -249,6 +304,35 @@ def test_a_checkpoint_config_that_is_not_utf8_is_refused_by_export(runtime_expor
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def test_json_files_are_read_as_utf8_whatever_the_locale(tmp_path: Path):
+    """JSON is UTF-8 (RFC 8259): under LC_ALL=C, no UTF-8 mode, a non-ASCII config still reads; bad bytes are named."""
+    good = tmp_path / "good.json"
+    good.write_bytes('{"caption": "caf\u00e9 \u2192 ok"}'.encode())
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"caption": "caf\xe9"}')
+    code = ("import sys\nfrom pathlib import Path\nfrom gaze_edge.errors import InputError\n"
+            "from gaze_edge.jsonfile import read_json_object\n"
+            "print(read_json_object(Path(sys.argv[1]), InputError, 'fix it')['caption'].encode('unicode_escape'))\n"
+            "try:\n    read_json_object(Path(sys.argv[2]), InputError, 'fix it')\n"
+            "except InputError as exc:\n    print(exc)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LC_", "LANG", "PYTHONUTF8"))}
+    result = subprocess.run([sys.executable, "-X", "utf8=0", "-c", code, str(good), str(bad)], capture_output=True,
+                            text=True, env={**env, "LC_ALL": "C"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first == r"b'caf\\xe9 \\u2192 ok'", first
+    assert second == f"{bad} is not valid JSON: not UTF-8 text (byte 16); fix it", second
+
+
+def test_an_unreadable_json_file_is_named(tmp_path: Path):
+    from gaze_edge.jsonfile import read_json_object
+
+    folder = tmp_path / "config.json"
+    folder.mkdir()  # a folder where the file should be: OSError, one message
+    with pytest.raises(InputError, match=r"cannot read .*config.json \(Is a directory\); fix it"):
+        read_json_object(folder, InputError, "fix it")
+
+
 def test_a_prompts_file_that_is_not_utf8_is_refused_by_calibrate(export_copy: Path, runtime_export, scenes_dir,
                                                                  tmp_path: Path, capsys):
     prompts = tmp_path / "prompts.txt"
@@ -258,6 +342,18 @@ def test_a_prompts_file_that_is_not_utf8_is_refused_by_calibrate(export_copy: Pa
                       "--checkpoint", str(runtime_export[0])]) == 2
     assert "is not valid UTF-8 text" in one_line_error(capsys.readouterr().err)
     assert listing(export_copy) == before
+
+
+@pytest.mark.parametrize("prompt", ["stop <eos> now", "describe <image> .", "<assistant> a red circle"])
+def test_special_token_strings_typed_in_a_prompt_are_refused(export_copy: Path, tmp_path: Path, prompt: str,
+                                                             capsys):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (48, 48)).save(image)
+    gaze_map = tmp_path / "map.png"
+    assert gaze_main(["caption", str(export_copy), str(image), "--prompt", prompt, "--gaze-map", str(gaze_map)]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "contains the special token" in line and "cannot be typed in a prompt" in line, line
+    assert not gaze_map.exists()
 
 
 # ------------------------------------------------------------------------- sizes against this machine
@@ -294,9 +390,74 @@ def test_sizes_in_gaze_config_are_checked_before_allocation(export_copy: Path, e
 def test_a_profile_batch_beyond_this_machine_is_refused(export_copy: Path, capsys):
     edit_config(export_copy, lambda c: (c["model"]["decoder"]["kv_cache"].update(max_seq_len=2**31 - 1),
                                         c["search"].update(max_length=2**31 - 1)))
-    assert gaze_main(["profile", str(export_copy), "--batch", "4096", "--new-tokens", str(1 << 20)]) == 2
+    assert gaze_main(["profile", str(export_copy), "--batch", "4096", "--max-new-tokens", str(1 << 20)]) == 2
     line = one_line_error(capsys.readouterr().err)
     assert "4096 sequence(s)" in line and "this machine has" in line, line
+
+
+def test_the_cache_plan_refuses_what_this_machine_cannot_hold(export_copy: Path):
+    """CacheSpec.plan itself (so every Python caller, not only `gaze caption`) refuses before a byte is allocated."""
+    import dataclasses
+
+    from gaze_edge.runtime.cache import CacheSpec
+
+    shape = dataclasses.replace(ExportFolder.open(export_copy).shape, max_seq_len=2**31 - 1)
+    with pytest.raises(InputError, match=r"4096 sequence\(s\) of 2147483647 cache slots need .* GiB of KV cache, "
+                                         r"descriptors and layout tables; this machine has .* GiB"):
+        CacheSpec.plan(shape, 4096, 2**31 - 1)
+    spec = CacheSpec.plan(shape, 2, 100)
+    assert spec.total_bytes == spec.kv_bytes + spec.desc_bytes + spec.slot_bytes
+
+
+def test_the_python_api_refuses_a_cache_beyond_this_machine_before_allocating(export_copy: Path, monkeypatch,
+                                                                             tmp_path: Path):
+    from gaze_edge.runtime import cache
+    from gaze_edge.runtime.generate import GazeRuntime
+
+    rt = GazeRuntime.load(export_copy, threads=1)
+    image = tmp_path / "a.png"
+    Image.new("RGB", (48, 48)).save(image)
+
+    def allocate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the cache was allocated")
+
+    monkeypatch.setattr(rt.backend, "allocate", allocate)
+    monkeypatch.setattr(cache, "total_memory_bytes", lambda: 64 * 2**10)  # a machine of 64 KiB
+    with pytest.raises(InputError, match=r"1 sequence\(s\) of \d+ cache slots need .*; this machine has 0.0 GiB"):
+        rt.caption(str(image))
+
+
+def _huge_checkpoint(runtime_export, folder: Path) -> Path:
+    shutil.copytree(runtime_export[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=65536, intermediate_size=262144, num_hidden_layers=96, vocab_size=1_000_000)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_load_checkpoint_refuses_a_model_beyond_this_machine_before_allocating(runtime_export, tmp_path: Path,
+                                                                              monkeypatch):
+    from gaze_edge.model import checkpoint
+
+    ckpt = _huge_checkpoint(runtime_export, tmp_path / "huge")
+
+    def build(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(checkpoint, "GazeForConditionalGeneration", build)
+    for load in (checkpoint.load_config, checkpoint.load_checkpoint):
+        with pytest.raises(checkpoint.CheckpointError, match=r"config.json describes a model of at least \d+\.\d GiB "
+                                                             r"of fp32 weights; this machine has"):
+            load(ckpt)
+
+
+def test_the_model_loader_does_not_import_the_cli():
+    """model/checkpoint.py takes the memory rule from gaze_edge/memory.py (standard library only), not cli_args."""
+    code = ("import sys\nimport gaze_edge.model.checkpoint\n"
+            "print(sorted(m for m in ('gaze_edge.cli', 'gaze_edge.cli_args') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 # ------------------------------------------------------------------------- an export too short for one prompt
@@ -364,6 +525,64 @@ def test_links_that_stay_inside_are_fine_and_the_cli_names_one_that_leaves(expor
     assert "embed_tokens.npy is a symbolic link to" in line and "outside the export folder" in line, line
 
 
+BUILD_SANDBOX = [
+    SANDBOX[1],  # decoder.onnx a link out of the folder
+    ("absolute decoder", lambda f, o: edit_config(f, lambda c: c["model"]["decoder"].update(
+        filename=str(f / "decoder.onnx"))), "an absolute path or one with '..'"),
+    SANDBOX[5],  # ../export/decoder.onnx
+    SANDBOX[6],  # sub/../vision.onnx
+]
+
+
+@pytest.mark.parametrize("case, damage, message", BUILD_SANDBOX, ids=[c for c, _, _ in BUILD_SANDBOX])
+def test_gaze_build_opens_graphs_only_inside_the_export_folder(export_copy: Path, tmp_path: Path, case, damage,
+                                                                message):
+    from gaze_edge.export import trt_build as tb
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    damage(export_copy, outside)
+    config = json.loads((export_copy / "gaze_config.json").read_text())
+    with pytest.raises(ExportFolderError, match=re.escape(message)):
+        for part in ("decoder", "vision"):
+            tb.graph_file(export_copy, config, part)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["model"].update(hidden_size=1e30), "hidden_size must be an integer, got 1e+30"),
+    (lambda c: c["model"].update(num_key_value_heads=True), "num_key_value_heads must be an integer, got True"),
+    (lambda c: c["gaze"].update(max_images=2**40), "max_images must be in 1 .. 2147483647, got 1099511627776"),
+    (lambda c: c["model"].update(head_dim=0), "head_dim must be in 1 .. 2147483647, got 0"),
+])
+def test_gaze_build_checks_the_sizes_it_reads(export_copy: Path, edit, message: str):
+    from gaze_edge.export import trt_build as tb
+
+    edit_config(export_copy, edit)
+    config = json.loads((export_copy / "gaze_config.json").read_text())
+    with pytest.raises(tb.EngineBuildError, match=re.escape(message)):
+        tb.shapes_from_config(config, max_batch=1, max_prefill=16)
+
+
+def test_gaze_build_reads_gaze_config_like_every_json_file(export_copy: Path, monkeypatch, capsys):
+    """Not UTF-8, not JSON, not an object: one line, exit 2, before TensorRT is looked for; nothing written."""
+    from gaze_edge.export import trt_build as tb
+
+    def no_tensorrt():  # type: ignore[no-untyped-def]
+        raise AssertionError("TensorRT was looked for")
+
+    monkeypatch.setattr(tb, "import_tensorrt", no_tensorrt)
+    before = listing(export_copy)
+    for data, message in [(b'{"gaze": "\xff"}', "is not valid JSON: not UTF-8 text (byte 10)"),
+                          (b"{not json", "is not valid JSON (Expecting property name"),
+                          (b"[1, 2]", "must hold a JSON object"), (b'{"gaze": [1]}', "plugin version ?")]:
+        (export_copy / "gaze_config.json").write_bytes(data)
+        assert gaze_main(["build", str(export_copy)]) == 2
+        line = one_line_error(capsys.readouterr().err)
+        assert "gaze_config.json" in line or "plugin version" in line, line
+        assert message in line, line
+    assert listing(export_copy) == before
+
+
 # ------------------------------------------------------------------------- image folders: budget and streaming
 
 
@@ -402,6 +621,31 @@ def test_a_folder_over_the_pixel_budget_is_refused_before_decoding(runtime_expor
     peak = int(next(x for x in err if x.startswith("peak_rss")).split()[1])
     assert peak < 400 * 2**20, peak  # one decoded image alone would be 192 MB, all of them 6 GB
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_calibrate_refuses_a_folder_over_the_budget_with_a_flat_peak(runtime_export, export_copy: Path,
+                                                                      tmp_path: Path):
+    """calibrate --images: 32 x 64 MP bombs refused from their headers; the peak is that of a one-image refusal."""
+    bombs = huge_compressed_folder(tmp_path / "bombs", 32, 8000)
+    small = huge_compressed_folder(tmp_path / "small", 1, 16)
+    code = (f"import sys\n{PEAK_RSS}\nfrom gaze_edge.cli import main\n"
+            "export, ckpt, small, bombs = sys.argv[1:]\n"
+            "base = ['calibrate', export, '--checkpoint', ckpt]\n"
+            "rc0 = main(base + ['--images', small, '--max-total-pixels', '1'])\n"  # same path, same imports
+            "p0 = peak_rss()\nrc1 = main(base + ['--images', bombs])\n"
+            "print('rss', rc0, rc1, p0, peak_rss(), file=sys.stderr)\n")
+    before = listing(export_copy)
+    result = subprocess.run([sys.executable, "-c", code, str(export_copy), str(runtime_export[0]), str(small),
+                             str(bombs)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    errors = [x for x in result.stderr.splitlines() if x.startswith("gaze: error:")]
+    assert len(errors) == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "its 32 images hold 2,048,000,000 pixels in all, more than the budget of 2,000,000,000 " \
+        "(--max-total-pixels)" in errors[1], errors[1]
+    rc0, rc1, p0, p1 = map(int, next(x for x in result.stderr.splitlines() if x.startswith("rss")).split()[1:])
+    assert (rc0, rc1) == (2, 2)
+    assert p1 - p0 < 64 * 2**20, (p0, p1)  # one decoded bomb would be 192 MB, all of them 6 GB
+    assert listing(export_copy) == before
 
 
 def test_images_are_streamed_and_kept_at_the_model_size(tmp_path: Path):
@@ -592,11 +836,8 @@ def test_sigterm_at_every_stage_of_calibrate(export_copy: Path, runtime_export, 
     after = {p: (export_copy / p).read_bytes() for p in listing(export_copy) if (export_copy / p).is_file()}
     if stage < 5:
         assert rc == 143 and after == before, err
-    else:  # rewritten: both files new (the runtime loads it), or, between the two renames, a named refusal
-        try:
-            GazeRuntime.load(export_copy, threads=1)
-        except BackendError as exc:
-            assert "gaze_config.json" in str(exc)
+    else:  # at the write: both files old or both new (one held section), so the runtime loads it either way
+        GazeRuntime.load(export_copy, threads=1)
 
 
 def test_ignored_signals_stay_ignored_and_handlers_come_back():
@@ -629,6 +870,160 @@ def test_a_signal_during_the_swap_is_raised_after_it(tmp_path: Path, monkeypatch
     with atomic.signals_interrupt(), pytest.raises(atomic.Interrupted):
         atomic.move_folder_into_place(new, out, RunError, "the test folder")
     assert listing(out) == ["new.txt"] and leftovers(tmp_path) == []
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p: (folder / p).read_bytes() for p in listing(folder) if (folder / p).is_file()}
+
+
+def _temps(folder: Path) -> list[str]:
+    return [p for p in listing(folder) if p.endswith(".tmp")]
+
+
+def test_a_signal_during_the_calibrate_rewrite_lands_after_both_files(export_copy: Path, monkeypatch):
+    """write_top_k renames decoder.onnx and gaze_config.json in one held section: never one new, one old."""
+    from gaze_edge.calibrate import budget
+    from gaze_edge.runtime.generate import GazeRuntime
+
+    folder = ExportFolder.open(export_copy)
+    new = [1] * folder.shape.num_layers
+    real_replace, renamed = os.replace, []
+
+    def replace_then_signal(a, b):  # type: ignore[no-untyped-def]
+        real_replace(a, b)
+        renamed.append(Path(b).name)
+        if len(renamed) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # lands between the two renames
+            time.sleep(0.01)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_then_signal)
+    with atomic.signals_interrupt(), pytest.raises(atomic.Interrupted):
+        budget.write_top_k(folder, new, {"test": True})
+    monkeypatch.undo()
+    assert renamed == ["decoder.onnx", "gaze_config.json"] and _temps(export_copy) == []
+    assert ExportFolder.open(export_copy).shape.top_k_per_layer == tuple(new)
+    GazeRuntime.load(export_copy, threads=1)  # both new: the copies agree
+
+
+@pytest.mark.parametrize("failure", ["sigterm", "disk-full"])
+def test_an_interrupt_or_full_disk_while_writing_changes_neither_calibrate_file(export_copy: Path, monkeypatch,
+                                                                                failure: str):
+    """Both temp files are written before either is renamed: a failure while writing the second changes nothing."""
+    from gaze_edge.calibrate import budget
+
+    before = _files(export_copy)
+    folder = ExportFolder.open(export_copy)
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:  # the second file: gaze_config.json
+            if failure == "disk-full":
+                raise OSError(28, "No space left on device")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with atomic.signals_interrupt(), pytest.raises(atomic.Interrupted if failure == "sigterm" else OSError):
+        budget.write_top_k(folder, [1] * folder.shape.num_layers, {"test": True})
+    assert len(calls) == 2 and _files(export_copy) == before and _temps(export_copy) == []
+
+
+def test_quantize_cleans_up_with_the_shared_partial_folder(runtime_export, scenes_dir: Path, tmp_path: Path,
+                                                           monkeypatch):
+    """quantize_export builds in atomic.partial_folder (no cleanup of its own): SIGTERM mid-write leaves nothing."""
+    from gaze_edge.calibrate import quantize as qz
+
+    used = []
+
+    @contextlib.contextmanager
+    def partial_folder(out, error):  # type: ignore[no-untyped-def]
+        with atomic.partial_folder(out, error) as tmp:
+            used.append((out, error))
+            yield tmp
+
+    def quantize_into(tmp, *args, **kwargs):  # type: ignore[no-untyped-def]
+        (tmp / "decoder.onnx").write_bytes(b"half written")
+        raise atomic.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(qz, "partial_folder", partial_folder)
+    monkeypatch.setattr(qz, "_quantize_into", quantize_into)
+    out = tmp_path / "q"
+    with pytest.raises(atomic.Interrupted):
+        qz.quantize_export(runtime_export[1], out, qz.QuantizeOptions(held_out=scenes_dir))
+    assert used == [(out, qz.QuantizeError)]
+    assert not out.exists() and leftovers(tmp_path) == []
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous output")
+    with pytest.raises(atomic.Interrupted):
+        qz.quantize_export(runtime_export[1], out, qz.QuantizeOptions(held_out=scenes_dir, force=True))
+    assert listing(out) == ["keep.txt"] and leftovers(tmp_path) == []
+
+
+def test_sigterm_mid_convert_leaves_nothing_and_keeps_an_old_output(tmp_path: Path, monkeypatch):
+    """`gaze convert` writes through the shared partial_folder: a signal while writing leaves nothing beside DST."""
+    from gaze_edge.model import convert as cv
+
+    def write_converted(converted, tmp, src):  # type: ignore[no-untyped-def]
+        (tmp / "model.safetensors").write_bytes(b"half written")
+        raise atomic.Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(cv, "convert", lambda src, options: object())  # the conversion itself: test_convert.py
+    monkeypatch.setattr(cv, "write_converted", write_converted)
+    out = tmp_path / "gaze-ckpt"
+    with pytest.raises(atomic.Interrupted):
+        cv.convert_checkpoint(tmp_path / "src", out, cv.ConvertOptions(region_size=(3, 3), top_k=2))
+    assert not out.exists() and leftovers(tmp_path) == []
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous checkpoint")
+    with pytest.raises(atomic.Interrupted):
+        cv.convert_checkpoint(tmp_path / "src", out, cv.ConvertOptions(region_size=(3, 3), top_k=2), force=True)
+    assert listing(out) == ["keep.txt"] and leftovers(tmp_path) == []
+
+
+class _Anything:
+    """Stands in for TensorRT builder objects: every method accepts anything and returns another stand-in."""
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *args, **kwargs: _Anything()
+
+
+class _Builder(_Anything):
+    def build_serialized_network(self, network, config):  # type: ignore[no-untyped-def]
+        return b"engine v2" * 1000
+
+
+@pytest.mark.parametrize("signum", [None, signal.SIGTERM, signal.SIGHUP], ids=["done", "SIGTERM", "SIGHUP"])
+def test_an_engine_is_replaced_atomically(tmp_path: Path, monkeypatch, signum):
+    """`gaze build` writes each engine with atomic.replace_file: no .tmp and no half engine left by a signal."""
+    import argparse
+    import types
+
+    from gaze_edge.export import trt_build as tb
+
+    engine = tmp_path / "decoder.engine"
+    engine.write_bytes(b"engine v1")
+    trt = types.SimpleNamespace(MemoryPoolType=types.SimpleNamespace(WORKSPACE=0),
+                                BuilderFlag=types.SimpleNamespace(FP16=1))
+    args = argparse.Namespace(workspace_mib=16, no_fp16=False)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        if signum is not None:
+            os.kill(os.getpid(), signum)  # while the new engine is written, before its rename
+            time.sleep(0.01)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with atomic.signals_interrupt():
+        if signum is None:
+            tb._build_engine(trt, _Builder(), None, [{"x": ((1,), (1,), (1,))}], None, args, engine)
+        else:
+            with pytest.raises(atomic.Interrupted):
+                tb._build_engine(trt, _Builder(), None, [{"x": ((1,), (1,), (1,))}], None, args, engine)
+    assert engine.read_bytes() == (b"engine v2" * 1000 if signum is None else b"engine v1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder.engine"]  # no decoder.tmp, no temp file
 
 
 # ------------------------------------------------------------------------- interrupted imports, missing extras
@@ -742,3 +1137,20 @@ def test_install_metadata():
     assert any(d.startswith("tqdm") for d in project["project"]["dependencies"])  # imported by calibrate, quantize
     targets = re.findall(r"^test[\w-]*:.*\n\t(.*)$", (ROOT / "Makefile").read_text(), flags=re.M)
     assert len(targets) == 2 and all("pytest" in t and " -rs" in t for t in targets)
+
+
+def test_docs_stand_alone_in_the_repository():
+    """Every relative link of README.md and docs/*.md resolves inside this repository (a clone has no ../shared/)
+    and no user doc carries notes addressed to the project's own workers."""
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    broken, notes = [], []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        for target in link.findall(text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+                continue
+            path = (doc.parent / target).resolve()
+            if not path.exists() or not path.is_relative_to(ROOT):
+                broken.append(f"{doc.name}: {target}")
+        notes += [f"{doc.name}: {m}" for m in re.findall(r"(?i)\bthe lead\b[^.]*", text)]
+    assert broken == [] and notes == [], (broken, notes)

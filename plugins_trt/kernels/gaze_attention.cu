@@ -326,7 +326,7 @@ void decode_attention(DType dtype, const Dims& d, const AttentionArgs& a, cudaSt
   dispatch(dtype, d.D, [&](auto tag, auto dim) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int kD = decltype(dim)::value;
-    decode_kernel<T, kD><<<dim3(a.splits, d.Hkv, d.B * a.qc), kDecodeWarps * 32, 0, st>>>(a, d);
+    GAZE_LAUNCH(dim3(a.splits, d.Hkv, d.B * a.qc), kDecodeWarps * 32, 0, st, decode_kernel<T, kD>)(a, d);
   });
 }
 
@@ -334,7 +334,7 @@ void merge_splits(DType dtype, const Dims& d, const AttentionArgs& a, cudaStream
   dispatch(dtype, d.D, [&](auto tag, auto dim) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int kD = decltype(dim)::value;
-    merge_kernel<T, kD><<<dim3(d.Hq, d.B * a.qc), kD, 0, st>>>(a, d);
+    GAZE_LAUNCH(dim3(d.Hq, d.B * a.qc), kD, 0, st, merge_kernel<T, kD>)(a, d);
   });
 }
 
@@ -343,7 +343,7 @@ void prefill_attention(DType dtype, const Dims& d, const AttentionArgs& a, cudaS
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int kD = decltype(dim)::value;
     const dim3 grid((d.T + kPrefillWarps - 1) / kPrefillWarps, d.Hkv, d.B);
-    prefill_kernel<T, kD><<<grid, kPrefillWarps * 32, 0, st>>>(a, d);
+    GAZE_LAUNCH(grid, kPrefillWarps * 32, 0, st, prefill_kernel<T, kD>)(a, d);
   });
 }
 

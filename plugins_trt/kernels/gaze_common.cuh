@@ -5,6 +5,13 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
+
+// Kernel launch that nvcc and the CPU harness (plugins_trt/cpu_harness, which defines it
+// first) both compile: GAZE_LAUNCH(grid, block, shared_bytes, stream, kernel<...>)(args...).
+#ifndef GAZE_LAUNCH
+#define GAZE_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 namespace gaze {
 namespace dev {
@@ -19,23 +26,41 @@ __device__ __forceinline__ void load16(const float* p, float (&o)[4]) {
   const float4 v = *reinterpret_cast<const float4*>(p);
   o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
 }
-__device__ __forceinline__ void load16(const __half* p, float (&o)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+// The four 32-bit words of a 16-byte vector as pairs of 16-bit floats. Bit copies through the
+// toolkit's *_raw structs, not a local uint4 read through __half2* (undefined behaviour in C++:
+// g++ -O2 dropped the copy in the CPU harness build); on the GPU they are register moves.
+__device__ __forceinline__ __half2 as_half2(uint32_t w) {
+  __half2_raw r;
+  memcpy(&r, &w, sizeof r);
+  return __half2(r);
+}
+__device__ __forceinline__ __nv_bfloat162 as_bfloat162(uint32_t w) {
+  __nv_bfloat162_raw r;
+  memcpy(&r, &w, sizeof r);
+  return __nv_bfloat162(r);
+}
+__device__ __forceinline__ void convert_halves(const uint4& raw, float (&o)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
+    const float2 f = __half22float2(as_half2(w[i]));
     o[2 * i] = f.x; o[2 * i + 1] = f.y;
   }
 }
-__device__ __forceinline__ void load16(const __nv_bfloat16* p, float (&o)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+__device__ __forceinline__ void convert_bfloat16s(const uint4& raw, float (&o)[8]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
+    const float2 f = __bfloat1622float2(as_bfloat162(w[i]));
     o[2 * i] = f.x; o[2 * i + 1] = f.y;
   }
+}
+
+__device__ __forceinline__ void load16(const __half* p, float (&o)[8]) {
+  convert_halves(*reinterpret_cast<const uint4*>(p), o);
+}
+__device__ __forceinline__ void load16(const __nv_bfloat16* p, float (&o)[8]) {
+  convert_bfloat16s(*reinterpret_cast<const uint4*>(p), o);
 }
 
 // Raw 16-byte load, converted later (lets a loop issue several loads before using any).
@@ -49,21 +74,11 @@ template <typename T>
 __device__ __forceinline__ void convert16(const uint4& raw, float (&o)[8]);
 template <>
 __device__ __forceinline__ void convert16<__half>(const uint4& raw, float (&o)[8]) {
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    o[2 * i] = f.x; o[2 * i + 1] = f.y;
-  }
+  convert_halves(raw, o);
 }
 template <>
 __device__ __forceinline__ void convert16<__nv_bfloat16>(const uint4& raw, float (&o)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    o[2 * i] = f.x; o[2 * i + 1] = f.y;
-  }
+  convert_bfloat16s(raw, o);
 }
 // Dispatch on the element type: fp32 vectors have 4 elements, 16-bit ones 8.
 template <typename T>

@@ -138,7 +138,7 @@ void kv_write(DType dtype, const Dims& d, const void* key, const void* value, vo
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int kD = decltype(dim)::value;
     const dim3 grid(d.T, d.Hkv, d.B);
-    kv_write_kernel<T, kD><<<grid, kD / dev::Vec<T>::kN, 0, st>>>(
+    GAZE_LAUNCH(grid, kD / dev::Vec<T>::kN, 0, st, kv_write_kernel<T, kD>)(
         static_cast<const T*>(key), static_cast<const T*>(value), static_cast<T*>(key_cache),
         static_cast<T*>(value_cache), desc, m, d, error_flags);
   });
@@ -146,9 +146,9 @@ void kv_write(DType dtype, const Dims& d, const void* key, const void* value, vo
 
 void build_slot_index(const Dims& d, const Meta& m, const SlotIndex& idx, cudaStream_t st) {
   const int regions = d.B * d.R;
-  region_init_kernel<<<(regions + 255) / 256, 256, 0, st>>>(idx.region_count, idx.region_last, regions);
-  slot_index_kernel<<<d.B, kIndexThreads, 0, st>>>(m, d, idx);
-  region_sort_kernel<<<(regions + 127) / 128, 128, 0, st>>>(idx, regions, d.mrt);
+  GAZE_LAUNCH((regions + 255) / 256, 256, 0, st, region_init_kernel)(idx.region_count, idx.region_last, regions);
+  GAZE_LAUNCH(d.B, kIndexThreads, 0, st, slot_index_kernel)(m, d, idx);
+  GAZE_LAUNCH((regions + 127) / 128, 128, 0, st, region_sort_kernel)(idx, regions, d.mrt);
 }
 
 }  // namespace launch

@@ -112,11 +112,11 @@ void select_regions(DType dtype, const Dims& d, const SelectArgs& a, cudaStream_
     constexpr int kD = decltype(dim)::value;
     const dim3 grid(a.qc, d.Hkv, d.B);
     if (d.R <= 256) {
-      select_kernel<T, kD, 256><<<grid, select_threads<256>(), 0, st>>>(a, d);
+      GAZE_LAUNCH(grid, select_threads<256>(), 0, st, select_kernel<T, kD, 256>)(a, d);
     } else if (d.R <= 1024) {
-      select_kernel<T, kD, 1024><<<grid, select_threads<1024>(), 0, st>>>(a, d);
+      GAZE_LAUNCH(grid, select_threads<1024>(), 0, st, select_kernel<T, kD, 1024>)(a, d);
     } else if (d.R <= kMaxRegions) {
-      select_kernel<T, kD, kMaxRegions><<<grid, select_threads<kMaxRegions>(), 0, st>>>(a, d);
+      GAZE_LAUNCH(grid, select_threads<kMaxRegions>(), 0, st, select_kernel<T, kD, kMaxRegions>)(a, d);
     } else {
       throw Error(Error::kUnsupported, "num_regions " + std::to_string(d.R) + " exceeds " +
                                            std::to_string(kMaxRegions));

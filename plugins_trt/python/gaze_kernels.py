@@ -1,13 +1,17 @@
 """ctypes binding of libgaze_kernels.so (plugins_trt/capi/gaze_capi.h), for tests and benchmarks.
 
 The host-side functions (attribute parsing, shape rules, workspace size, dispatch table)
-need no GPU. `forward` takes raw device pointers (ints), e.g. from torch `tensor.data_ptr()`.
-Standard library only, so it imports anywhere; nothing outside tests/ and bench/ imports it.
+need no GPU. `forward` takes raw device pointers (ints); gaze_backends.py owns that memory.
+`build` makes the GPU library (nvcc), `build_cpu` the CPU harness build of the same kernels
+(libgaze_kernels_cpu.so: same C ABI, "device" pointers are host pointers; needs g++ and the
+CUDA headers only). Standard library only, so it imports anywhere; nothing outside tests/ and
+bench/ imports it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -105,7 +109,8 @@ def build(build_dir: Path, architectures: str = "87;90", jobs: int = 2, timeout:
     else:
         sources = [PLUGIN_DIR / "common" / "gaze_host.cpp", *sorted((PLUGIN_DIR / "kernels").glob("*.cu")),
                    PLUGIN_DIR / "capi" / "gaze_capi.cpp"]
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in architectures.split(";")]
+        # SASS for each arch plus its PTX, as CMake's CUDA_ARCHITECTURES does: newer GPUs JIT the PTX.
+        gencode = [f"-gencode=arch=compute_{a},code=[sm_{a},compute_{a}]" for a in architectures.split(";")]
         commands = [[nvcc, "-shared", "-std=c++17", "-O3", "-lineinfo", "--use_fast_math", "-Xcompiler", "-fPIC",
                      *gencode, "-I", str(PLUGIN_DIR), *map(str, sources), "-o",
                      str(build_dir / "libgaze_kernels.so")]]
@@ -114,6 +119,93 @@ def build(build_dir: Path, architectures: str = "87;90", jobs: int = 2, timeout:
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return build_dir / "libgaze_kernels.so"
+
+
+CPU_LIBRARY = "libgaze_kernels_cpu.so"
+CPU_SELFTEST_LIBRARY = "libgaze_harness_selftest.so"
+
+
+class ToolMissing(RuntimeError):
+    """A compiler or header set a build needs is not installed (tests skip on this, never on a failed build)."""
+
+
+def cuda_include_dir() -> Path | None:
+    """Folder with the CUDA toolkit headers (cuda_fp16.h): $CUDA_HOME, $CUDA_PATH, beside nvcc, /usr/local/cuda."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = _nvcc()
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for root in candidates:
+        if root and (Path(root) / "include" / "cuda_fp16.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+def _cpu_sources() -> tuple[list[Path], list[Path]]:
+    kernels = [PLUGIN_DIR / "kernels" / f"gaze_{n}.cu" for n in ("index", "select", "attention", "forward")]
+    host = [PLUGIN_DIR / "common" / "gaze_host.cpp", PLUGIN_DIR / "capi" / "gaze_capi.cpp"]
+    return kernels, host
+
+
+def build_cpu(build_dir: Path, jobs: int = 2, timeout: float = 900) -> Path:
+    """Build the CPU harness libraries into build_dir (CMake; plain g++ without it); return libgaze_kernels_cpu.so.
+
+    Incremental either way. Raises ToolMissing without g++ or the CUDA headers."""
+    cxx = os.environ.get("CXX") or shutil.which("g++")
+    if not cxx or not shutil.which(cxx):
+        raise ToolMissing("g++ is not installed (the CPU harness compiles the kernels as C++)")
+    include = cuda_include_dir()
+    if include is None:
+        raise ToolMissing("the CUDA toolkit headers (cuda_fp16.h) are not installed: set CUDA_HOME")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    harness = PLUGIN_DIR / "cpu_harness"
+    if shutil.which("cmake"):
+        _run(["cmake", "-S", str(harness), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+              f"-DCMAKE_CXX_COMPILER={shutil.which(cxx)}", f"-DGAZE_CUDA_INCLUDE_DIR={include}"], timeout)
+        _run(["cmake", "--build", str(build_dir), f"-j{jobs}"], timeout)
+        return build_dir / CPU_LIBRARY
+    # Without CMake: the same flags as plugins_trt/cpu_harness/CMakeLists.txt.
+    kernels, host = _cpu_sources()
+    flags = ["-std=c++17", "-O2", "-fPIC", "-Wall", "-Wextra", "-Wno-unknown-pragmas", "-include",
+             str(harness / "cuda_cpu.h"), "-I", str(PLUGIN_DIR), "-I", str(harness), "-I", str(include)]
+    link = [f"-Wl,--version-script={harness / 'exports.map'}", f"-Wl,-T,{harness / 'shared.ld'}", "-Wl,-z,defs",
+            "-pthread"]
+    headers = [*PLUGIN_DIR.glob("*/*.h"), *PLUGIN_DIR.glob("*/*.cuh"), harness / "exports.map", harness / "shared.ld"]
+    newest_header = max(p.stat().st_mtime for p in headers)
+    obj_dir = build_dir / "obj"
+    obj_dir.mkdir(exist_ok=True)
+    libs = {CPU_LIBRARY: [*kernels, *host, harness / "harness.cpp"],
+            CPU_SELFTEST_LIBRARY: [harness / "selftest.cu", harness / "harness.cpp"]}
+    compiles, objects = [], {}
+    for lib, sources in libs.items():
+        objects[lib] = []
+        for src in sources:
+            obj = obj_dir / (src.name + ".o")  # shared.ld matches *.cu.o
+            objects[lib].append(obj)
+            if obj.exists() and obj.stat().st_mtime >= max(src.stat().st_mtime, newest_header):
+                continue
+            if obj not in {o for _, o in compiles}:
+                lang = ["-x", "c++"] if src.suffix == ".cu" else []
+                compiles.append(([cxx, *flags, *lang, "-c", str(src), "-o", str(obj)], obj))
+    for i in range(0, len(compiles), max(1, jobs)):
+        procs = [(subprocess.Popen(["nice", "-n", "15", *cmd], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True), cmd) for cmd, _ in compiles[i:i + max(1, jobs)]]
+        for proc, cmd in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            if proc.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{out[-4000:]}")
+    for lib, objs in objects.items():
+        target = build_dir / lib
+        if not target.exists() or target.stat().st_mtime < max(o.stat().st_mtime for o in objs):
+            _run([cxx, "-shared", "-o", str(target), *map(str, objs), *link], timeout)
+    return build_dir / CPU_LIBRARY
+
+
+def _run(cmd: list[str], timeout: float) -> None:
+    proc = subprocess.run(["nice", "-n", "15", *cmd], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
 
 
 class GazeKernels:

@@ -1,0 +1,503 @@
+"""The CUDA kernels (libgaze_kernels) vs gaze_edge.reference, on a GPU or on the CPU harness.
+
+Every case runs on each backend of the `backend` fixture: "gpu" (a CUDA GPU through CuPy or
+cuda-python; skips with the reason when there is none) and "cpu-seedN", the same kernel
+source built by the CPU execution harness (plugins_trt/cpu_harness) under scheduling seed N
+(0 = natural order; others shuffle block and thread order and the shared-memory poison).
+$GAZE_KERNEL_BACKENDS ("gpu", "cpu", default both) and $GAZE_HARNESS_SEEDS (default "0,1,2")
+choose; the harness library is built (incrementally) into build/kernels-cpu if needed.
+$GAZE_KERNELS_LIB / $GAZE_CPU_KERNELS_LIB use prebuilt libraries; $GAZE_REQUIRE_GPU=1 turns the
+GPU skip into a failure (bench/device_check.sh).
+
+Each call is laid out as the runtime lays one out: a static cache of S slots, the slots
+written so far valid, write_offset = the first new slot, descriptor sums of the tokens
+already in the cache. Inputs are rounded to the kernel dtype first, so the float64
+reference sees what the kernel sees. Checked per call: the output (relative error 1e-2 for
+fp16/bf16, 1e-4 for fp32, GAZE_SPEC), the cache (new slots written bit for bit, others
+untouched), descriptor sums (fp32 accuracy), and the selection: exactly where the k-th and
+(k+1)-th scores are separated, otherwise a valid top-k (then the output is checked against
+attention over the kernel's own choice). Failures name the case seed and the backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gaze_edge.reference import gaze_attention_reference
+from tests.gaze_cases import GazeCase, fresh_seed, make_case
+from tests.test_plugin_build import REPO, gk, kernel_library
+
+TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
+SEEDS = [int(s) for s in os.environ.get("GAZE_HARNESS_SEEDS", "0,1,2").split(",") if s.strip()]
+_WHICH = os.environ.get("GAZE_KERNEL_BACKENDS", "gpu,cpu")
+BACKENDS = ([pytest.param("gpu", marks=pytest.mark.gpu)] if "gpu" in _WHICH else []) + \
+    ([f"cpu-seed{s}" for s in SEEDS] if "cpu" in _WHICH else [])
+
+
+def _load_backends():  # noqa: ANN202 - a module loaded by path, like the binding
+    import importlib.util
+    import sys
+
+    path = REPO / "plugins_trt" / "python" / "gaze_backends.py"
+    spec = importlib.util.spec_from_file_location("gaze_backends", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gaze_backends", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+gb = _load_backends()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_library() -> Path:
+    """libgaze_kernels_cpu.so, built (incrementally) into build/kernels-cpu ($GAZE_CPU_KERNELS_BUILD_DIR).
+
+    $GAZE_CPU_KERNELS_LIB: use that prebuilt library instead (the mutation check's mutants)."""
+    if os.environ.get("GAZE_CPU_KERNELS_LIB"):
+        return Path(os.environ["GAZE_CPU_KERNELS_LIB"])
+    build_dir = Path(os.environ.get("GAZE_CPU_KERNELS_BUILD_DIR", REPO / "build" / "kernels-cpu"))
+    try:
+        return gk.build_cpu(build_dir)
+    except gk.ToolMissing as e:
+        pytest.skip(f"CPU harness not buildable: {e}")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_backend() -> gb.CpuBackend:
+    return gb.cpu_backend(cpu_library())
+
+
+@functools.lru_cache(maxsize=1)
+def _gpu_backend() -> gb.GpuBackend | str:
+    """The GPU backend, or why there is none. $GAZE_KERNELS_LIB: a prebuilt libgaze_kernels.so."""
+    try:
+        runtime = gb.gpu_runtime()
+    except gb.GpuUnavailable as e:
+        return str(e)
+    lib = Path(os.environ["GAZE_KERNELS_LIB"]) if os.environ.get("GAZE_KERNELS_LIB") else kernel_library()
+    try:
+        return gb.GpuBackend(gk.GazeKernels(lib), runtime)
+    except gb.GpuUnavailable as e:
+        return str(e)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> gb.Backend:
+    if request.param == "gpu":
+        b = _gpu_backend()
+        if isinstance(b, str):
+            if os.environ.get("GAZE_REQUIRE_GPU"):  # the device script: a skip there would hide a broken setup
+                pytest.fail(f"GAZE_REQUIRE_GPU is set but {b}")
+            pytest.skip(b)
+        yield b
+        b.free_all()
+        return
+    b = _cpu_backend()
+    b.set_seed(int(request.param.removeprefix("cpu-seed")))  # every test starts the seed's streams afresh
+    yield b
+
+
+def describe(backend: gb.Backend) -> str:
+    return f"cpu harness seed {backend.seed}" if isinstance(backend, gb.CpuBackend) else f"gpu ({backend.rt.name})"
+
+
+# ---- cases ------------------------------------------------------------------------------------
+
+def _axis(name: str) -> tuple[str, int] | None:
+    """Which sequence axis a GazeCase array field runs along: keys or queries (None: not an array)."""
+    if name in ("k", "v"):
+        return "key", 2
+    if name == "q":
+        return "query", 2
+    if name.startswith("k_"):
+        return "key", 1
+    if name.startswith("q_") or name == "gaze":
+        return "query", 1
+    return None
+
+
+def reindex(case: GazeCase, keys: list[np.ndarray] | slice, queries: list[np.ndarray] | slice) -> GazeCase:
+    """The case with its key slots and queries taken at the given indices (per batch entry) or slices."""
+    changes = {}
+    for f in dataclasses.fields(case):
+        value = getattr(case, f.name)
+        if not isinstance(value, np.ndarray):
+            continue
+        where = _axis(f.name)
+        if where is None:
+            raise AssertionError(f"GazeCase.{f.name}: unknown sequence axis; teach tests/test_kernels.py about it")
+        index = keys if where[0] == "key" else queries
+        if isinstance(index, slice):
+            changes[f.name] = value[(slice(None),) * where[1] + (index,)]
+        else:
+            changes[f.name] = np.stack([np.take(value[b], index[b], axis=where[1] - 1) for b in range(len(index))])
+    return dataclasses.replace(case, **changes)
+
+
+def region_major(case: GazeCase) -> GazeCase:
+    """The same sequence stored region-major: every visual slot range holds its tokens grouped by region.
+
+    Storage order is free (only positions order attention), so the kernels must give the same result.
+    Text slots stay where they are; with a whole-prompt query set the queries move with their slots."""
+    B, L = case.k_region.shape
+    Tq = case.q.shape[2]
+    perms = []
+    for b in range(B):
+        perm = np.arange(L)
+        vis = np.flatnonzero(case.k_region[b] >= 0)
+        perm[vis] = vis[np.lexsort((vis, case.k_region[b][vis]))]
+        assert Tq == L or (perm[L - Tq:] == np.arange(L - Tq, L)).all(), "queries must keep their slots"
+        perms.append(perm)
+    queries = [p[L - Tq:] - (L - Tq) for p in perms]
+    out = reindex(case, perms, queries)
+    assert not all((np.diff(out.k_pos[b][out.k_valid[b]]) > 0).all() for b in range(B)), "storage order unchanged"
+    return out
+
+
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x).view(np.uint8)
+
+
+def run_calls(backend: gb.Backend, case: GazeCase, dtype: str, calls: list[tuple[int, int]] | None = None,
+              extra_slots: int = 5, inplace: bool = True) -> list[dict]:
+    """Run the node once per (first slot, end slot) in `calls` on one cache and check each call.
+
+    Slots before the first call are written by the host (with their descriptor sums); the queries
+    of case.q are the last q.shape[2] slots, and every call's tokens must lie among them."""
+    try:
+        return _run_calls(backend, case, dtype, calls, extra_slots, inplace)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n[{dtype}, case seed {case.seed}, {describe(backend)}]") from e
+
+
+def _run_calls(backend: gb.Backend, case: GazeCase, dtype: str, calls: list[tuple[int, int]] | None,
+               extra_slots: int, inplace: bool) -> list[dict]:
+    lib = backend.lib
+    B, Hq, Tq, D = case.q.shape
+    Hkv, L = case.k.shape[1], case.k.shape[2]
+    q0 = L - Tq  # slot of query 0
+    calls = calls or [(q0, L)]
+    assert calls[0][0] >= q0 and calls[-1][1] <= L and all(a < b for a, b in calls)
+    assert inplace or len(calls) == 1, "not-in-place runs are single calls"
+    S, R = L + extra_slots, case.num_regions
+    mrt = int(max(np.bincount(case.k_region[b][case.k_valid[b] & (case.k_region[b] >= 0)], minlength=1).max()
+                  for b in range(B)))
+    scale = 1.0 / np.sqrt(D)
+    dt = gb.np_dtype(dtype)
+    qr, kr, vr = (np.ascontiguousarray(x.astype(dt)) for x in (case.q, case.k, case.v))
+    q64, k64, v64 = (x.astype(np.float64) for x in (qr, kr, vr))
+    k32 = kr.astype(np.float32)
+
+    first = calls[0][0]
+    cache_k = np.zeros((B, Hkv, S, D), dt)
+    cache_v = np.zeros_like(cache_k)
+    cache_k[:, :, :first], cache_v[:, :, :first] = kr[:, :, :first], vr[:, :, :first]
+    slot_pos = np.zeros((B, S), np.int64)
+    slot_region = np.full((B, S), -1, np.int64)
+    slot_valid = np.zeros((B, S), bool)
+
+    def write_meta(a: int, b: int) -> None:
+        slot_pos[:, a:b], slot_region[:, a:b], slot_valid[:, a:b] = (
+            case.k_pos[:, a:b], case.k_region[:, a:b], case.k_valid[:, a:b])
+
+    write_meta(0, first)
+    desc0 = np.zeros((B, Hkv, R, D), np.float32)  # fp32 sums in slot order, as a runtime would keep them
+    for b in range(B):
+        for s in range(first):
+            r = case.k_region[b, s]
+            if case.k_valid[b, s] and r >= 0:
+                desc0[b, :, r] += k32[b, :, s]
+    past_k, past_v, past_desc = backend.upload(cache_k), backend.upload(cache_v), backend.upload(desc0)
+    if inplace:
+        present_k, present_v, present_desc = past_k, past_v, past_desc
+    else:
+        present_k, present_v = backend.upload(np.full_like(cache_k, 7)), backend.upload(np.full_like(cache_v, 7))
+        present_desc = backend.upload(np.full_like(desc0, 7))
+    kmax = min(case.top_k, R)
+    attrs = gk.Attrs(case.top_k, mrt, scale)
+    results = []
+    for a, b in calls:
+        T = b - a
+        write_meta(a, b)
+        queries = slice(a - q0, b - q0)
+        q_d = backend.upload(qr[:, :, queries])
+        new_k, new_v = backend.upload(kr[:, :, a:b]), backend.upload(vr[:, :, a:b])
+        meta = [backend.upload(x) for x in (slot_pos, slot_region, slot_valid, np.ascontiguousarray(
+            case.gaze[:, queries]), np.array([a], np.int64))]
+        out = backend.upload(np.full((B, Hq, T, D), np.nan, dt))
+        sel = backend.upload(np.full((B, Hkv, T, kmax), -2, np.int32))
+        nsel = backend.upload(np.full((B, Hkv, T), -2, np.int32))
+        problem = gk.Problem(batch=B, new_tokens=T, cache_len=S, num_regions=R, q_heads=Hq, kv_heads=Hkv,
+                             head_dim=D, dtype=gk.DTYPE_CODES[dtype], top_k=case.top_k, max_region_tokens=mrt)
+        ws_bytes = lib.workspace_size(problem)
+        ws = backend.upload(np.zeros(ws_bytes, np.uint8))
+        tensors = gk.Tensors(q_d.ptr, new_k.ptr, new_v.ptr, past_k.ptr, past_v.ptr, past_desc.ptr,
+                             *(m.ptr for m in meta), out.ptr, present_k.ptr, present_v.ptr, present_desc.ptr)
+        lib.forward(problem, attrs, tensors, ws.ptr, ws_bytes, backend.stream, sel.ptr, nsel.ptr)
+        assert lib.device_errors(problem, ws.ptr, backend.stream) == 0
+
+        sub = reindex(case, slice(0, b), queries)
+        ref = gaze_attention_reference(q64[:, :, queries], k64[:, :, :b], v64[:, :, :b], **sub.reference_kwargs(),
+                                       scale=scale)
+        got = {"out": backend.download(out).astype(np.float64), "sel": backend.download(sel),
+               "nsel": backend.download(nsel), "ref": ref, "splits": lib.plan_splits(problem, backend.num_sms),
+               "problem": problem, "present_desc": backend.download(present_desc)}
+        # Cache: the slots written so far hold the rounded inputs bit for bit; the rest is untouched
+        # (zeros: copied from past when not in place).
+        pk, pv = backend.download(present_k), backend.download(present_v)
+        assert (_bits(pk[:, :, :b]) == _bits(kr[:, :, :b])).all() and (_bits(pv[:, :, :b]) == _bits(vr[:, :, :b])).all()
+        assert not _bits(pk[:, :, b:]).any() and not _bits(pv[:, :, b:]).any()
+        desc64 = np.zeros((B, Hkv, R, D))
+        for bb in range(B):
+            for s in range(b):
+                r = case.k_region[bb, s]
+                if case.k_valid[bb, s] and r >= 0:
+                    desc64[bb, :, r] += k64[bb, :, s]
+        np.testing.assert_allclose(got["present_desc"], desc64, rtol=1e-5, atol=1e-4)
+        check_selection_and_output(sub, q64[:, :, queries], k64[:, :, :b], v64[:, :, :b], scale, got, dtype)
+        results.append(got)
+    return results
+
+
+def check_selection_and_output(case: GazeCase, q64: np.ndarray, k64: np.ndarray, v64: np.ndarray, scale: float,
+                               got: dict, dtype: str) -> None:
+    ref = got["ref"]
+    B, Hkv, Tq = got["nsel"].shape
+    kernel_sel = np.zeros_like(ref.selected)
+    ambiguous = False
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(Tq):
+                n = got["nsel"][b, h, t]
+                if not case.gaze[b, t]:
+                    assert n == 0
+                    continue
+                picked = got["sel"][b, h, t, :n]
+                assert len(set(picked.tolist())) == n and (picked >= 0).all()
+                kernel_sel[b, h, t, picked] = True
+                want = ref.selected[b, h, t]
+                assert n == want.sum(), "number selected = min(top_k, eligible)"
+                if (kernel_sel[b, h, t] != want).any():
+                    # Accept only a near-tie at the boundary: every differing region scores within
+                    # rounding of the k-th selected reference score.
+                    score = ref.scores[b, h, t]
+                    kth = score[want].min()
+                    differ = kernel_sel[b, h, t] != want
+                    tol = 1e-3 * max(1.0, np.abs(score[want]).max())  # same rounded inputs: fp32 sums only
+                    assert np.all(np.abs(score[differ] - kth) <= tol), (b, h, t, score[differ], kth)
+                    ambiguous = True
+    expected = ref.out if not ambiguous else _attention_given_selection(case, q64, k64, v64, kernel_sel, scale)
+    # The call's queries are its last Tq key slots; a padding query's output is unspecified.
+    rows = np.broadcast_to(case.k_valid[:, -Tq:][:, None, :, None], expected.shape)
+    diff = np.linalg.norm((got["out"] - expected)[rows]) / np.linalg.norm(expected[rows])
+    assert diff <= TOL[dtype], f"relative error {diff:.3g} > {TOL[dtype]}"
+
+
+def _attention_given_selection(case: GazeCase, q: np.ndarray, k: np.ndarray, v: np.ndarray, selected: np.ndarray,
+                               scale: float) -> np.ndarray:
+    """Float64 attention of GAZE_SPEC with a given selection [B, Hkv, Tq, R] (for ambiguous top-k)."""
+    B, Hq, Tq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    out = np.zeros((B, Hq, Tq, D))
+    for b in range(B):
+        for t in range(Tq):
+            p = case.q_pos[b, t]
+            causal = case.k_valid[b] & (case.k_pos[b] <= p)
+            for h in range(Hkv):
+                keys = causal.copy()
+                if case.gaze[b, t]:
+                    visual = case.k_region[b] >= 0
+                    in_sel = np.zeros_like(keys)
+                    in_sel[visual] = selected[b, h, t][case.k_region[b][visual]]
+                    keys = causal & (~visual | in_sel)
+                if not keys.any():
+                    continue
+                for g in range(h * G, (h + 1) * G):
+                    logits = k[b, h, keys] @ q[b, g, t] * scale
+                    w = np.exp(logits - logits.max())
+                    out[b, g, t] = (w / w.sum()) @ v[b, h, keys]
+    return out
+
+
+# ---- the cases --------------------------------------------------------------------------------
+
+CASES = [
+    # (dtype, head_dim, group, batch, query_len, grid, region, images, top_k)
+    ("float16", 64, 1, 1, 1, (5, 5), (2, 2), (1,), 3),
+    ("float16", 128, 2, 3, 1, (9, 7), (3, 2), (1, 2, 3), 4),
+    ("bfloat16", 64, 4, 2, 1, (8, 8), (2, 2), (2, 1), 5),
+    ("bfloat16", 128, 7, 2, 3, (6, 5), (4, 3), (1, 2), 2),
+    ("float32", 64, 8, 4, 2, (5, 5), (2, 2), (1, 2), 3),
+    ("float32", 128, 3, 1, 8, (7, 7), (3, 3), (2,), 40),  # top_k > R: gaze sees every key
+    ("float16", 128, 8, 8, 1, (12, 12), (2, 2), (1, 2), 7),
+    ("bfloat16", 64, 6, 5, 1, (10, 10), (3, 3), (1, 3), 5),
+    ("float16", 64, 2, 2, None, (6, 6), (2, 2), (1, 2), 3),  # whole prompt as one prefill chunk
+    ("bfloat16", 128, 5, 2, 20, (6, 6), (2, 3), (2, 1), 4),  # prefill chunk with gaze queries
+]
+
+
+@pytest.mark.parametrize(("dtype", "dim", "group", "batch", "qlen", "grid", "region", "images", "top_k"), CASES)
+def test_kernels_match_reference(backend: gb.Backend, dtype: str, dim: int, group: int, batch: int,
+                                 qlen: int | None, grid: tuple, region: tuple, images: tuple, top_k: int) -> None:
+    case = make_case(fresh_seed(), batch=batch, kv_heads=2, group=group, dim=dim, grid=grid, region=region,
+                     images=images, generated=max(4, qlen or 0), query_len=qlen, top_k=top_k)
+    run_calls(backend, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(("grid", "region"), [((64, 64), (2, 2)), ((64, 64), (1, 1))])  # R = 1024, 4096
+def test_many_regions(backend: gb.Backend, dtype: str, grid: tuple, region: tuple) -> None:
+    case = make_case(fresh_seed(), batch=2, kv_heads=2, group=4, dim=128, grid=grid, region=region, images=(1,),
+                     generated=2, query_len=1, top_k=max(1, (grid[0] * grid[1]) // (region[0] * region[1]) // 10))
+    run_calls(backend, case, dtype)
+
+
+def test_not_in_place_copies_past_into_present(backend: gb.Backend) -> None:
+    case = make_case(fresh_seed(), batch=2, kv_heads=2, group=2, dim=64, query_len=1)
+    run_calls(backend, case, "float16", inplace=False)
+
+
+def _tie_case(query_len: int, generated: int, top_k: int) -> GazeCase:
+    """Regions 1..3 become bitwise copies of region 0: they score identically (the image is in the past)."""
+    case = make_case(fresh_seed(), batch=1, kv_heads=2, group=2, dim=64, grid=(4, 4), region=(2, 2), images=(1,),
+                     generated=generated, query_len=query_len, top_k=top_k)
+    members = [np.flatnonzero(case.k_region[0] == r) for r in range(case.num_regions)]
+    assert len({len(m) for m in members}) == 1
+    for r in (1, 2, 3):
+        case.k[0][:, members[r]] = case.k[0][:, members[0]]
+    assert members[0].max() < case.k.shape[2] - query_len, "the image must be in the cache before the call"
+    return case
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_exact_ties_go_to_the_lower_region(backend: gb.Backend, dtype: str) -> None:
+    """Decode step: of four identical regions, the lowest index wins."""
+    got = run_calls(backend, _tie_case(query_len=1, generated=4, top_k=1), dtype)[0]
+    assert (got["sel"][0, :, 0, 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize(("query_len", "generated"), [(12, 12), (12, 9)])  # all gaze / 3 dense + 9 gaze
+def test_exact_ties_in_prefill(backend: gb.Backend, dtype: str, query_len: int, generated: int) -> None:
+    """A prefill chunk (T > 8: prefill kernel for its dense queries, one split): every gaze query
+    of the chunk breaks the four-way tie towards regions 0 and 1, in that order."""
+    got = run_calls(backend, _tie_case(query_len=query_len, generated=generated, top_k=2), dtype)[0]
+    assert got["splits"] == 1
+    gaze = np.flatnonzero(got["ref"].selected[0, 0].any(axis=-1))
+    assert len(gaze) == generated
+    assert (got["nsel"][0][:, gaze] == 2).all()
+    assert (got["sel"][0][:, gaze] == np.array([0, 1])).all()
+
+
+def test_device_errors_are_reported(backend: gb.Backend) -> None:
+    """A region over max_region_tokens is flagged, not silently truncated."""
+    case = make_case(fresh_seed(), batch=1, kv_heads=1, group=1, dim=64, grid=(4, 4), region=(2, 2), images=(1,),
+                     query_len=1)
+    B, Hq, Tq, D = case.q.shape
+    Hkv, L = case.k.shape[1], case.k.shape[2]
+    mrt = 2  # the regions hold 4 tokens
+    up = backend.upload
+    q = up(case.q.astype(np.float16))
+    kv = up(np.zeros((B, Hkv, L, D), np.float16))
+    new = up(np.zeros((B, Hkv, Tq, D), np.float16))
+    desc = up(np.zeros((B, Hkv, case.num_regions, D), np.float32))
+    pos, reg, valid = up(case.k_pos), up(case.k_region), up(case.k_valid)
+    gz, off = up(np.ascontiguousarray(case.gaze)), up(np.array([L - Tq], np.int64))
+    out = up(np.zeros((B, Hq, Tq, D), np.float16))
+    problem = gk.Problem(batch=B, new_tokens=Tq, cache_len=L, num_regions=case.num_regions, q_heads=Hq,
+                         kv_heads=Hkv, head_dim=D, dtype=gk.F16, top_k=case.top_k, max_region_tokens=mrt)
+    ws_bytes = backend.lib.workspace_size(problem)
+    ws = up(np.zeros(ws_bytes, np.uint8))
+    t = gk.Tensors(q.ptr, new.ptr, new.ptr, kv.ptr, kv.ptr, desc.ptr, pos.ptr, reg.ptr, valid.ptr, gz.ptr, off.ptr,
+                   out.ptr, kv.ptr, kv.ptr, desc.ptr)
+    backend.lib.forward(problem, gk.Attrs(case.top_k, mrt, 0.125), t, ws.ptr, ws_bytes, backend.stream)
+    with pytest.raises(gk.GazeKernelError, match="max_region_tokens"):
+        backend.lib.device_errors(problem, ws.ptr, backend.stream)
+
+
+# ---- gaps the first suite left (review of issue #10) ----------------------------------------------
+
+
+def _regions_split_by(case: GazeCase, bounds: list[int]) -> int:
+    """How many (batch entry, region) pairs have valid tokens on both sides of some call boundary."""
+    n = 0
+    for b in range(case.k_region.shape[0]):
+        for r in range(case.num_regions):
+            slots = np.flatnonzero((case.k_region[b] == r) & case.k_valid[b])
+            n += int(any(slots.min() < x <= slots.max() for x in bounds)) if slots.size else 0
+    return n
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_descriptors_accumulate_over_calls(backend: gb.Backend, dtype: str) -> None:
+    """A chunked prefill whose chunk boundaries cut regions in two (and one chunk of T <= 8, served by
+    the decode kernel), then decode steps: each call adds its tokens to the descriptor sums the
+    previous calls left, and selects from the accumulated sums."""
+    case = make_case(fresh_seed(), batch=2, kv_heads=2, group=2, dim=64, grid=(6, 6), region=(2, 2), images=(1, 2),
+                     generated=3, query_len=None, top_k=2)
+    L = case.k.shape[2]
+    first_visual = int(np.flatnonzero(case.k_region[0] >= 0)[0])
+    c1 = max(first_visual + 7, 9)  # mid-row of the first region row: regions 0..2 are cut
+    c2 = c1 + 5  # a T = 5 chunk
+    bounds = [c1, c2, L - 3, L - 2, L - 1]
+    calls = list(zip([0, *bounds], [*bounds, L], strict=True))
+    assert _regions_split_by(case, bounds) >= 3
+    results = run_calls(backend, case, dtype, calls)
+    assert [r["problem"].new_tokens for r in results][1:] == [5, L - 3 - c2, 1, 1, 1]
+    assert all((r["nsel"][:, :, -1] == 2).all() for r in results[-3:])  # decode steps are gaze queries
+
+
+@pytest.mark.parametrize(("dtype", "query_len"), [("float16", 1), ("bfloat16", None)])
+def test_region_major_storage(backend: gb.Backend, dtype: str, query_len: int | None) -> None:
+    """Visual tokens stored grouped by region (slot order != position order): a decode step over such
+    a cache, and a whole prompt written that way in one prefill chunk."""
+    case = region_major(make_case(fresh_seed(), batch=2, kv_heads=2, group=2, dim=128, grid=(6, 6), region=(2, 3),
+                                  images=(2, 1), query_len=query_len, top_k=3))
+    run_calls(backend, case, dtype)
+
+
+def test_gaze_list_shorter_than_the_splits(backend: gb.Backend) -> None:
+    """A long cache plans the most splits (16) while the decode queries' key lists are shorter than
+    that (one dense query, one gaze query keeping one single-token region): empty splits must
+    merge to nothing, not to NaN or garbage."""
+    case = make_case(fresh_seed(), batch=1, kv_heads=2, group=2, dim=64, grid=(2, 2), region=(1, 1), images=(1,),
+                     generated=1, query_len=2, top_k=1)
+    results = run_calls(backend, case, "float16", extra_slots=2048)
+    got = results[0]
+    assert got["splits"] == 16
+    L = case.k.shape[2]
+    p = case.k_pos[0, L - 1]
+    dense = int((case.k_valid[0] & (case.k_region[0] < 0) & (case.k_pos[0] <= p)).sum())
+    assert dense + 1 < got["splits"], "the gaze query's list must be shorter than the split count"
+    assert case.gaze[0].tolist() == [False, True]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_invalid_slots_with_stale_regions_are_ignored(backend: gb.Backend, dtype: str) -> None:
+    """Left-padding slots (slot_valid = false) that carry region ids, as a reused cache's stale
+    metadata would: written as new tokens of a prefill chunk, they must not reach any descriptor
+    sum, region count or key list. (Found by the mutation check: nothing tested it.)"""
+    case = make_case(fresh_seed(), batch=2, kv_heads=2, group=2, dim=64, grid=(6, 6), region=(2, 2), images=(1, 2),
+                     query_len=None, top_k=3)
+    pad = ~case.k_valid
+    assert pad.sum() >= 10
+    case.k_region[pad] = np.arange(pad.sum()) % case.num_regions
+    run_calls(backend, case, dtype)
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+def test_fp32_split_merge(backend: gb.Backend, dim: int) -> None:
+    """fp32 decode with several splits (the float4 path through partials and the merge kernel)."""
+    case = make_case(fresh_seed(), batch=2, kv_heads=2, group=4, dim=dim, grid=(12, 12), region=(2, 2),
+                     images=(1, 2), query_len=2, top_k=8)
+    got = run_calls(backend, case, "float32", extra_slots=300)[0]
+    assert got["splits"] > 1
