@@ -1,6 +1,6 @@
 """The gaze budget: per-layer top_k chosen from how much dense attention mass each k keeps.
 
-`gaze calibrate OUT --images DIR [--coverage 0.95]`, in four stages:
+`gaze calibrate OUT --calib DIR [--coverage 0.95]`, in four stages:
 
 1. **Captions.** The PyTorch checkpoint OUT was exported from captions every calibration
    image at the export's current budget (greedy), as the deployed model would.

@@ -1,4 +1,4 @@
-"""`gaze calibrate OUT --images DIR [--coverage 0.95]`: choose top_k per layer and write it into OUT.
+"""`gaze calibrate OUT --calib DIR [--coverage 0.95]`: choose top_k per layer and write it into OUT.
 
 Method: calibrate/budget.py. Imports nothing heavy at module level (the `gaze` parser is
 built on devices without torch).
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from gaze_edge import cli_args as ca
+from gaze_edge import console
 from gaze_edge.atomic import replace_file
 from gaze_edge.errors import CheckpointError, InputError
 
@@ -28,7 +29,8 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "KV bytes read per token for every budget (table, JSON, plot); write the chosen top_k into "
                     "decoder.onnx and gaze_config.json.")
     p.add_argument("out", type=Path, help="export folder written by `gaze export` (rewritten in place)")
-    p.add_argument("--images", type=Path, required=True, help="folder of calibration images (PNG/JPEG)")
+    # Required, but checked in run_calibrate: argparse would refuse the hidden old spelling --images DIR.
+    p.add_argument("--calib", type=Path, metavar="DIR", help="folder of calibration images (PNG/JPEG); required")
     p.add_argument("--coverage", type=ca.number_in(0, 1, low_open=True), default=0.95,
                    help="share of the dense visual attention mass the selected regions must keep, in (0, 1]")
     p.add_argument("--min-agreement", type=ca.number_in(0, 1, low_open=True),
@@ -38,7 +40,7 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="the checkpoint OUT was exported from (default: the one its validation_report.json names)")
     p.add_argument("--prompts", type=Path, help="text file, one user prompt per line, cycled over the images "
                                                 "(default: the model's default prompt)")
-    p.add_argument("--max-images", type=ca.positive_int, help="use only the first N calibration images")
+    p.add_argument("--calib-count", type=ca.positive_int, metavar="N", help="use only the first N calibration images")
     p.add_argument("--max-total-pixels", type=ca.int_in(1, 2**62), default=ca.DEFAULT_MAX_TOTAL_PIXELS,
                    help="most pixels decoded from each image folder, summed over its files "
                         f"(default {ca.DEFAULT_MAX_TOTAL_PIXELS:,}); a larger folder is refused before decoding")
@@ -48,8 +50,12 @@ def add_calibrate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--report", type=ca.output_folder, help="folder for calibration.json and calibration.png "
                                                         "(default: OUT/calibration)")
     p.add_argument("--max-new-tokens", type=ca.int_in(1, 1 << 20), default=40)
-    p.add_argument("--batch-size", type=ca.int_in(1, 4096), default=32)
+    p.add_argument("--batch", type=ca.int_in(1, 4096), default=32, help="images captioned per batch")
     p.add_argument("--dry-run", action="store_true", help="measure and report; do not rewrite OUT")
+    # Renamed for one flag vocabulary (docs/CLI.md): --images N is a count elsewhere, --max-images is export's.
+    console.add_renamed(p, "--images", "--calib")
+    console.add_renamed(p, "--max-images", "--calib-count")
+    console.add_renamed(p, "--batch-size", "--batch")
     p.set_defaults(func=run_calibrate)
     return p
 
@@ -93,24 +99,27 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from . import budget as bg
     from .data import load_image_set, read_prompts
 
+    if args.calib is None:
+        raise InputError("--calib DIR is required: a folder of calibration images (`gaze scenes -o DIR --count 64` "
+                         "writes generated ones)")
     coverage = bg.check_coverage(args.coverage)
     if args.min_agreement is not None and not 0.0 < args.min_agreement <= 1.0:
         raise InputError(f"--min-agreement must be in (0, 1] (share of captions identical to the dense model's), "
                          f"got {args.min_agreement}")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise InputError("--max-new-tokens and --batch-size must be at least 1")
+    if args.max_new_tokens < 1 or args.batch < 1:
+        raise InputError("--max-new-tokens and --batch must be at least 1")
     folder = ExportFolder.open(args.out)
     prompts = read_prompts(args.prompts)
     checkpoint = _resolve_checkpoint(folder, args.checkpoint)
     ca.check_checkpoint_fits(checkpoint, CheckpointError)
     budget = getattr(args, "max_total_pixels", ca.DEFAULT_MAX_TOTAL_PIXELS)
-    images = load_image_set(args.images, args.max_images, processor=folder.processor, max_total_pixels=budget)
+    images = load_image_set(args.calib, args.calib_count, processor=folder.processor, max_total_pixels=budget)
     held = load_image_set(args.held_out, what="held-out", processor=folder.processor,
                           max_total_pixels=budget) if args.held_out else None
 
     from gaze_edge.model.checkpoint import load_checkpoint  # PyTorch: coverage needs the dense attention
 
-    print(f"[1/5] loading {checkpoint} and {len(images)} calibration images from {args.images}", file=sys.stderr)
+    print(f"[1/5] loading {checkpoint} and {len(images)} calibration images from {args.calib}", file=sys.stderr)
     model, processor = load_checkpoint(checkpoint)
     model.eval()
     _check_pair(folder, model, checkpoint)
@@ -120,7 +129,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     print(f"[2/5] captioning at the export's budget {current} and measuring coverage (dense pass)", file=sys.stderr)
     progress = bg.TqdmProgress()
-    cap = bg.Captioner(model, processor, images, prompts, args.batch_size, args.max_new_tokens)
+    cap = bg.Captioner(model, processor, images, prompts, args.batch, args.max_new_tokens)
     curves = cap.coverage(cap.captions(current), progress)
     by_coverage = [int(k) for k in bg.choose_top_k(curves.per_layer, coverage)]
     chosen = by_coverage
@@ -134,7 +143,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     print(f"[3/5] budget vs quality on {'held-out' if held else 'calibration'} images", file=sys.stderr)
     evaluated = held or images
-    ev = bg.Captioner(model, processor, evaluated, prompts, args.batch_size, args.max_new_tokens)
+    ev = bg.Captioner(model, processor, evaluated, prompts, args.batch, args.max_new_tokens)
     budgets = {f"k={k}": [k] * layers for k in range(1, regions + 1)}
     budgets.update({"trained": trained, "calibrated": chosen})
     prompt_len = float(np.mean([len(processor.encode(processor.prompt(p) if p else processor.prompt()))
@@ -162,7 +171,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"[5/5] writing top_k {chosen} into {folder.path}", file=sys.stderr)
         bg.write_top_k(folder, chosen, {
             "coverage_target": coverage, "coverage_top_k": by_coverage, "min_agreement": args.min_agreement,
-            "images": len(images), "images_folder": str(args.images),
+            "images": len(images), "images_folder": str(args.calib),
             "trained_top_k_per_layer": trained, "coverage_at_chosen_k": [
                 round(float(curves.per_layer[i, k - 1]), 5) for i, k in enumerate(chosen)],
             "checkpoint": str(checkpoint), "date": datetime.date.today().isoformat()})
@@ -189,9 +198,9 @@ def _runtime_check(path: Path, held: Any, prompts: list[str | None], args: argpa
     rt = GazeRuntime.load(path)
     texts: list[str] = []
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
-    for start in range(0, len(held), args.batch_size):
+    for start in range(0, len(held), args.batch):
         batch = [Prompt(prompts[i % len(prompts)], [held.images[i]])
-                 for i in range(start, min(len(held), start + args.batch_size))]
+                 for i in range(start, min(len(held), start + args.batch))]
         texts += rt.generate(batch, sampling).texts
     return {"top_k": list(rt.shape.top_k_per_layer),
             "accuracy": accuracy(texts, held.names, held.truth) if held.has_truth else None,

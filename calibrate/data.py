@@ -60,7 +60,8 @@ def load_image_set(folder: str | Path, limit: int | None = None, what: str = "ca
     """
     folder = Path(folder)
     if not folder.exists():
-        raise InputError(f"{what} folder {folder} does not exist; point --images at a folder of PNG/JPEG files "
+        flag = "--held-out" if what == "held-out" else "--calib"
+        raise InputError(f"{what} folder {folder} does not exist; point {flag} at a folder of PNG/JPEG files "
                          "(`gaze scenes -o DIR --count 64` writes generated ones)")
     if not folder.is_dir():
         raise InputError(f"{what} images must be a folder, {folder} is a file")

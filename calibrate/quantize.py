@@ -107,11 +107,11 @@ def check_options(options: QuantizeOptions) -> None:
     if options.mode not in MODES:
         raise InputError(f"--mode must be one of {', '.join(MODES)}, got {options.mode!r}")
     if options.mode == "int8" and options.images is None:
-        raise InputError("--mode int8 quantizes activations too and needs calibration images: pass --images DIR "
+        raise InputError("--mode int8 quantizes activations too and needs calibration images: pass --calib DIR "
                          "(`gaze scenes -o DIR --count 32` writes some), or use --mode int8-weight")
     if options.images is None and options.held_out is None:
         raise InputError("the quantized export is checked against the fp32 one on images: pass --held-out DIR "
-                         "(`gaze scenes -o DIR --count 200`) or --images DIR")
+                         "(`gaze scenes -o DIR --count 200`) or --calib DIR")
     for name, value in (("--calib-count", options.calib_count), ("--held-out-count", options.held_out_count)):
         if value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
@@ -441,7 +441,7 @@ def quantize_w8a8(model: onnx.ModelProto, plan: GraphPlan, feeds: Sequence[Path]
     if not plan.nodes:
         return model
     if not feeds:
-        raise QuantizeError("no calibration feeds were recorded; check the --images folder")
+        raise QuantizeError("no calibration feeds were recorded; check the --calib folder")
     scratch.mkdir(parents=True, exist_ok=True)
     out = scratch / "quantized.onnx"
     extra = {

@@ -9,13 +9,11 @@ Method and measured numbers: docs/QUANTIZE.md.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from gaze_edge import cli_args as ca
-from gaze_edge.atomic import replace_file
+from gaze_edge import console
 
 DEFAULT_CALIB_COUNT = 32  # same values as calibrate/quantize.py (not imported here: it imports onnx)
 DEFAULT_HELD_OUT_COUNT = 200
@@ -27,8 +25,8 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("export", type=Path, help="fp32 export folder written by `gaze export`")
     p.add_argument("-o", "--output", type=Path, required=True, help="quantized export folder to create")
     p.add_argument("--mode", choices=("int8-weight", "int8"), default="int8-weight",
-                   help="int8-weight: weight-only INT8 (default); int8: weights and activations (needs --images)")
-    p.add_argument("--images", type=Path, default=None,
+                   help="int8-weight: weight-only INT8 (default); int8: weights and activations (needs --calib)")
+    p.add_argument("--calib", type=Path, default=None, metavar="DIR",
                    help="calibration images (a folder; `gaze scenes -o DIR` writes some); needed by --mode int8")
     p.add_argument("--held-out", type=Path, default=None,
                    help="held-out images for the check (a `gaze scenes` folder with truth.txt scores accuracy); "
@@ -38,12 +36,12 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--calib-count", type=ca.int_in(1, 1_000_000), default=DEFAULT_CALIB_COUNT,
                    help=f"most calibration images used (default {DEFAULT_CALIB_COUNT})")
     p.add_argument("--max-total-pixels", type=ca.int_in(1, 2**62), default=ca.DEFAULT_MAX_TOTAL_PIXELS,
-                   help="most pixels decoded from each image folder (--images, --held-out), summed over the images "
+                   help="most pixels decoded from each image folder (--calib, --held-out), summed over the images "
                         f"used (default {ca.DEFAULT_MAX_TOTAL_PIXELS:,}); a larger folder is refused before decoding")
     p.add_argument("--threads", type=ca.threads, default=None, help="ONNX Runtime intra-op threads (1 .. 1024)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--json", type=ca.output_file(".json", stdout=True), default=None,
-                   help="also write the report as JSON here ('-': stdout only)")
+    console.add_json_flag(p, "the report", ca.output_file(".json", stdout=True))
+    console.add_renamed(p, "--images", "--calib")  # --images N is a count elsewhere (docs/CLI.md)
     p.set_defaults(func=run_quantize)
     return p
 
@@ -51,18 +49,16 @@ def add_quantize_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_quantize(args: argparse.Namespace) -> int:
     from .quantize import QuantizeOptions, quantize_export
 
-    options = QuantizeOptions(mode=args.mode, images=args.images, held_out=args.held_out,
+    options = QuantizeOptions(mode=args.mode, images=args.calib, held_out=args.held_out,
                               held_out_count=args.held_out_count, calib_count=args.calib_count, force=args.force,
                               threads=args.threads,
                               max_total_pixels=getattr(args, "max_total_pixels", ca.DEFAULT_MAX_TOTAL_PIXELS))
     report = quantize_export(args.export, args.output, options)
-    if args.json is not None and str(args.json) == "-":
-        json.dump(report, sys.stdout, indent=2)
-        print()
+    if console.json_to_stdout(args.json):
+        console.write_json(report, args.json)
         return 0
     print(format_report(report))
-    if args.json is not None:
-        replace_file(args.json, (json.dumps(report, indent=2) + "\n").encode())
+    console.write_json(report, args.json)
     return 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gaze_edge import cli_args as ca
+from gaze_edge import console
 from gaze_edge.atomic import check_new_folder, move_folder_into_place, partial_folder
 from gaze_edge.errors import CheckpointError, GazeError, InputError, RunError
 from gaze_edge.jsonfile import read_json_object
@@ -65,7 +66,8 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _progress(step: int, total: int, message: str) -> None:
-    print(f"[{step}/{total}] {message}", flush=True)
+    """A progress line on stderr (hidden by -q); stdout carries only the final `wrote OUT` line."""
+    console.progress(f"[{step}/{total}] {message}")
 
 
 def _check_options(args: argparse.Namespace) -> None:

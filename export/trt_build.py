@@ -32,6 +32,7 @@ from types import ModuleType
 from typing import Any
 
 from gaze_edge import cli_args as ca
+from gaze_edge import console
 from gaze_edge.atomic import replace_file
 from gaze_edge.errors import GazeError
 from gaze_edge.jsonfile import read_json_object
@@ -334,7 +335,7 @@ def run_build(args: argparse.Namespace) -> int:
     arch, gpu_name = engine_manifest.gpu_arch()
     version = parse_version(trt.__version__)
     plan = parser_plan(version, hasattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE"))
-    print(f"TensorRT {trt.__version__}, {gpu_name} ({arch}); plugin {args.plugin}", flush=True)
+    console.progress(f"TensorRT {trt.__version__}, {gpu_name} ({arch}); plugin {args.plugin}")
 
     logger = trt.Logger(trt.Logger.WARNING)
     _load_plugin(trt, Path(args.plugin))
@@ -357,14 +358,14 @@ def run_build(args: argparse.Namespace) -> int:
         inputs = [network.get_input(i) for i in range(network.num_inputs)]
         profiles = [{t.name: decoder_profile(t.name, tuple(t.shape), shapes, phase) for t in inputs}
                     for phase in ("prefill", "decode")]
-        print("[1/2] building decoder.engine (profiles: prefill, decode)", flush=True)
+        console.progress("[1/2] building decoder.engine (profiles: prefill, decode)")
         _build_engine(trt, builder, network, profiles, cache, args, engine_dir / "decoder.engine")
     finally:
         if stripped is not None:
             stripped.unlink(missing_ok=True)
     network, _parser = _parse(trt, logger, builder, vision_onnx)
     vin = network.get_input(0)
-    print("[2/2] building vision.engine", flush=True)
+    console.progress("[2/2] building vision.engine")
     _build_engine(trt, builder, network, [{vin.name: vision_profile(tuple(vin.shape), shapes)}], cache, args,
                   engine_dir / "vision.engine")
     replace_file(cache_file, bytes(cache.serialize()))

@@ -239,5 +239,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
 
 
+def entry() -> None:
+    """The `gaze` program: run the command, then exit with its status.
+
+    Once the command is done (its output committed or cleaned up), a SIGTERM or SIGHUP that arrives
+    while the interpreter shuts down would kill the process with the signal's default action; it is
+    ignored instead, so the status says what the command did.
+    """
+    code = main()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

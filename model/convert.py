@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from gaze_edge.errors import CheckpointError
+from gaze_edge.errors import CheckpointError, InputError
 from gaze_edge.reference import CONTEXT_ATTENTIONS, ROUTINGS
 
 from .processing import GazeProcessor, ImageConfig, _read_json, _token_name, compile_chat_template
@@ -623,13 +623,16 @@ def _top_k(text: str) -> int | list[int]:
 def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `convert` subcommand to a `gaze` argparse subparsers object."""
     from gaze_edge import cli_args as ca
+    from gaze_edge import console
 
     p = subparsers.add_parser("convert", help="a transformers LLaVA checkpoint (llava_onevision, llava) -> a gaze "
                                               "checkpoint")
     p.add_argument("source", type=Path, help="transformers folder: config.json, model.safetensors, tokenizer.json ...")
     p.add_argument("-o", "--output", type=Path, required=True, help="gaze checkpoint folder to create")
     p.add_argument("--region-size", type=_region_size, required=True, help="region RHxRW in visual tokens, e.g. 3x3")
-    p.add_argument("--top-k", type=_top_k, required=True, help="regions per gaze query: K, or K0,K1,... per layer")
+    # Required, but checked in run_convert: argparse would refuse the hidden old spelling --top-k K.
+    p.add_argument("--gaze-top-k", type=_top_k, metavar="K[,K1,...]",
+                   help="regions per gaze query: K, or K0,K1,... per layer (the config's gaze_top_k); required")
     p.add_argument("--context-tokens", type=ca.int_in(0, 256), default=4, help="context tokens after each image")
     p.add_argument("--routing", choices=ROUTINGS, default="kv_head")
     p.add_argument("--context-attention", choices=CONTEXT_ATTENTIONS, default="own_image")
@@ -639,12 +642,18 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="SigLIP2 NaFlex towers: the fixed square input size in px (default: the native grid)")
     p.add_argument("--dtype", choices=DTYPES, default="source", help="weights dtype (default: the source's)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    # --top-k is the sampling option elsewhere (docs/CLI.md): the old spelling stays, hidden.
+    console.add_renamed(p, "--top-k", "--gaze-top-k")
     p.set_defaults(func=run_convert)
     return p
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    options = ConvertOptions(region_size=args.region_size, top_k=args.top_k, num_context_tokens=args.context_tokens,
+    if args.gaze_top_k is None:
+        raise InputError("--gaze-top-k K (or K0,K1,... one per decoder layer) is required: the regions each gaze "
+                         "query keeps")
+    options = ConvertOptions(region_size=args.region_size, top_k=args.gaze_top_k,
+                             num_context_tokens=args.context_tokens,
                              routing=args.routing, context_attention=args.context_attention,
                              single_view=args.single_view, image_size=args.image_size, dtype=args.dtype)
     converted = convert_checkpoint(Path(args.source), Path(args.output), options, force=args.force)

@@ -247,11 +247,11 @@ def test_calibrate_cli_end_to_end(export_copy: Path, runtime_export, tmp_path: P
     held = write_scenes(tmp_path / "held", 8, 12)
     report_dir = tmp_path / "report"
     before = (export_copy / "decoder.onnx").read_bytes()
-    assert gaze_main(["calibrate", str(export_copy), "--images", str(calib), "--coverage", "0.9", "--held-out",
+    assert gaze_main(["calibrate", str(export_copy), "--calib", str(calib), "--coverage", "0.9", "--held-out",
                       str(held), "--report", str(report_dir), "--checkpoint", str(runtime_export[0]),
                       "--max-new-tokens", "24", "--dry-run"]) == 0
     assert (export_copy / "decoder.onnx").read_bytes() == before  # dry run writes nothing into the export
-    assert gaze_main(["calibrate", str(export_copy), "--images", str(calib), "--coverage", "0.9", "--held-out",
+    assert gaze_main(["calibrate", str(export_copy), "--calib", str(calib), "--coverage", "0.9", "--held-out",
                       str(held), "--report", str(report_dir), "--checkpoint", str(runtime_export[0]),
                       "--max-new-tokens", "24"]) == 0
     out = capsys.readouterr().out
@@ -286,18 +286,18 @@ def test_bad_calibration_inputs_exit_2_with_a_message(export_copy: Path, runtime
     good = write_scenes(tmp_path / "good", 2, 3)
     ckpt = ["--checkpoint", str(runtime_export[0])]
     cases = [
-        (["--images", str(empty)], "has no images"),
-        (["--images", str(tmp_path / "missing")], "does not exist"),
-        (["--images", str(corrupt)], "a.png"),
-        (["--images", str(good), "--coverage", "0"], "(0, 1]"),
-        (["--images", str(good), "--coverage", "1.5"], "(0, 1]"),
+        (["--calib", str(empty)], "has no images"),
+        (["--calib", str(tmp_path / "missing")], "does not exist"),
+        (["--calib", str(corrupt)], "a.png"),
+        (["--calib", str(good), "--coverage", "0"], "(0, 1]"),
+        (["--calib", str(good), "--coverage", "1.5"], "(0, 1]"),
     ]
     before = (export_copy / "gaze_config.json").read_bytes()
     for extra, message in cases:
         assert gaze_main(["calibrate", str(export_copy), *extra, *ckpt]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
-    assert gaze_main(["calibrate", str(tmp_path), "--images", str(good)]) == 2
+    assert gaze_main(["calibrate", str(tmp_path), "--calib", str(good)]) == 2
     assert "gaze_config.json" in capsys.readouterr().err
     assert (export_copy / "gaze_config.json").read_bytes() == before
 
@@ -321,12 +321,12 @@ def test_wrong_checkpoint_is_caught(export_copy: Path, tmp_path: Path, capsys):
     if not (other / "model.safetensors").is_file():
         pytest.skip("the dense twin checkpoint is not in this checkout")
     good = write_scenes(tmp_path / "good", 2, 3)
-    assert gaze_main(["calibrate", str(export_copy), "--images", str(good), "--checkpoint", str(other)]) == 2
+    assert gaze_main(["calibrate", str(export_copy), "--calib", str(good), "--checkpoint", str(other)]) == 2
     assert "is not the one" in capsys.readouterr().err
 
 
 def test_calibrate_help_needs_no_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "from gaze_edge.cli import build_parser\n"
-            "build_parser().parse_args(['calibrate', 'x', '--images', 'y'])")
+            "build_parser().parse_args(['calibrate', 'x', '--calib', 'y'])")
     subprocess.run([sys.executable, "-c", code], check=True)

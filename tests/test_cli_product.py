@@ -293,7 +293,8 @@ def test_every_flag_of_every_command_is_in_the_docs_table():
     assert not missing, sorted(missing)
 
 
-@pytest.mark.parametrize("command", ["caption", "profile", "chat", "bench op", "bench decode", "evaluate"])
+@pytest.mark.parametrize("command", ["caption", "profile", "chat", "bench op", "bench decode", "evaluate",
+                                     "quantize"])
 def test_json_is_file_or_stdout_everywhere(command):
     action = _options(_commands()[command])["--json"]
     assert action.nargs == "?" and str(action.const) == "-" and action.metavar == "FILE|-"
@@ -307,7 +308,36 @@ def test_frames_is_a_count_and_max_new_tokens_one_name():
     for name in ("caption", "profile", "chat", "serve", "calibrate"):
         assert "--max-new-tokens" in _options(commands[name]), name
     assert not any("--new-tokens" in _options(p) for p in commands.values())  # the old spelling: hidden
-    assert all("--batch-size" not in _options(p) for n, p in commands.items() if n != "calibrate")
+    assert not any("--batch-size" in _options(p) for p in commands.values())  # calibrate's old spelling: hidden
+
+
+# (command, the old spelling, the new one, the args dest, the value given, the parsed value)
+RENAMED = [("calibrate", "--images", "--calib", "calib", "dir", Path("dir")),
+           ("calibrate", "--max-images", "--calib-count", "calib_count", "3", 3),
+           ("calibrate", "--batch-size", "--batch", "batch", "4", 4),
+           ("quantize", "--images", "--calib", "calib", "dir", Path("dir")),
+           ("convert", "--top-k", "--gaze-top-k", "gaze_top_k", "2,3", [2, 3])]
+
+
+@pytest.mark.parametrize(("command", "old", "new", "dest", "given", "value"), RENAMED)
+def test_renamed_flags_still_work_hidden_with_a_note(command, old, new, dest, given, value, capsys):
+    """--images is a count (profile, bench decode), --max-images export's, --top-k sampling: the old names stay."""
+    p = _commands()[command]
+    base = {"calibrate": ["EXPORT"], "quantize": ["EXPORT", "-o", "OUT"],
+            "convert": ["SRC", "-o", "OUT", "--region-size", "3x3"]}[command]
+    required = {"convert": ["--gaze-top-k", "1"]}.get(command, []) if new != "--gaze-top-k" else []
+    assert new in _options(p) and old not in _options(p) and old not in p.format_help()
+    assert getattr(p.parse_args([*base, *required, new, given]), dest) == value
+    assert getattr(p.parse_args([*base, *required, old, given]), dest) == value
+    console.set_verbosity(1)  # prints the note the parse left
+    assert f"{old} is now {new}" in capsys.readouterr().err
+
+
+def test_a_required_renamed_flag_is_still_required(tmp_path, capsys):
+    assert gaze_main(["calibrate", str(tmp_path)]) == 2
+    assert "--calib DIR is required" in capsys.readouterr().err
+    assert gaze_main(["convert", str(tmp_path), "-o", str(tmp_path / "c"), "--region-size", "3x3"]) == 2
+    assert "--gaze-top-k K (or K0,K1,... one per decoder layer) is required" in capsys.readouterr().err
 
 
 def test_help_shows_defaults_and_every_command_has_verbosity_flags():

@@ -116,7 +116,7 @@ def onevision(tmp_path_factory: pytest.TempPathFactory):
     parser = argparse.ArgumentParser(prog="gaze")
     add_convert_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["convert", str(tmp / "src"), "-o", str(tmp / "gaze"), "--region-size", "2x2",
-                              "--top-k", "64", "--context-tokens", "0", "--single-view"])
+                              "--gaze-top-k", "64", "--context-tokens", "0", "--single-view"])
     assert args.func(args) == 0
     return hf, tmp / "src", tmp / "gaze"
 

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from gaze_edge import console
 from gaze_edge.errors import CheckpointError, GazeError
 from gaze_edge.export import onnx_export
 from gaze_edge.export.cli import ExportError, add_export_parser
@@ -64,13 +65,20 @@ def test_export_writes_a_complete_validated_folder(checkpoint: Path, tmp_path: P
     assert config["model"]["decoder"]["descriptors"]["num_regions"] == 18
     assert config["special_tokens"]["eos_token_id"] == 2 and "<assistant>" in config["chat_template"]
     assert config["search"]["do_sample"] is False
-    progress = capsys.readouterr().out
-    assert "[1/6]" in progress and "[6/6] done" in progress
+    captured = capsys.readouterr()
+    assert "[1/6]" in captured.err and "[6/6] done" in captured.err  # progress on stderr
+    assert "[1/6]" not in captured.out and captured.out.startswith(f"wrote {out} (validation:")
 
 
-def test_trt_compat_export_has_no_function_and_external_data(checkpoint: Path, tmp_path: Path):
+def test_trt_compat_export_has_no_function_and_external_data(checkpoint: Path, tmp_path: Path, capsys):
     out = tmp_path / "trt"
-    assert run(checkpoint, "-o", out, "--trt-compat", "--external-data", "--max-images", "1") == 0
+    console.set_verbosity(0)  # what -q sets: no progress on stderr, the result line still on stdout
+    try:
+        assert run(checkpoint, "-o", out, "--trt-compat", "--external-data", "--max-images", "1") == 0
+    finally:
+        console.set_verbosity(1)
+    captured = capsys.readouterr()
+    assert "[1/6]" not in captured.err and captured.out.startswith(f"wrote {out} ")
     proto = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
     assert len(proto.functions) == 0 and len(onnx_export.gaze_nodes(proto)) == 2
     assert (out / "decoder.onnx.data").is_file()  # weights stored beside the graph

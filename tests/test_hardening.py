@@ -82,7 +82,7 @@ def edit_config(folder: Path, edit) -> None:  # type: ignore[no-untyped-def]
 # ------------------------------------------------------------------------- arguments, checked while parsing
 
 CAP = ["caption", "{E}", "{I}"]
-CAL = ["calibrate", "{E}", "--images", "{D}"]
+CAL = ["calibrate", "{E}", "--calib", "{D}"]
 QUA = ["quantize", "{E}", "-o", "{T}/q"]
 EXP = ["export", "{C}", "-o", "{T}/out"]
 BAD_ARGUMENTS = [
@@ -128,8 +128,8 @@ BAD_ARGUMENTS = [
     ([*CAL, "--coverage", "0"], "--coverage: must be in (0, 1], got 0"),
     ([*CAL, "--coverage", "1.5"], "--coverage: must be in (0, 1], got 1.5"),
     ([*CAL, "--min-agreement", "inf"], "--min-agreement: must be a finite number"),
-    ([*CAL, "--max-images", "0"], "--max-images: must be an integer >= 1"),
-    ([*CAL, "--batch-size", "0"], "--batch-size: must be an integer in 1 .. 4096"),
+    ([*CAL, "--calib-count", "0"], "--calib-count: must be an integer >= 1"),
+    ([*CAL, "--batch", "0"], "--batch: must be an integer in 1 .. 4096"),
     ([*CAL, "--max-new-tokens", "0"], "--max-new-tokens: must be an integer in 1 .."),
     ([*CAL, "--report", "{T}/file.txt"], "{T}/file.txt exists and is not a folder"),
     ([*CAL, "--report", "{T}/file.txt/sub"], "cannot create {T}/file.txt/sub: {T}/file.txt is a file"),
@@ -146,11 +146,12 @@ BAD_ARGUMENTS = [
     (["build", "{E}", "--max-prefill", "-1"], "--max-prefill: must be an integer in 1 .."),
     (["build", "{E}", "--workspace-mib", "0"], "--workspace-mib: must be an integer in 1 .."),
     (["build", "{E}", "--engine-dir", "{T}/file.txt"], "--engine-dir: {T}/file.txt exists and is not a folder"),
-    (["convert", "{C}", "-o", "{T}/g", "--region-size", "0x3", "--top-k", "2"], "--region-size: expected RHxRW"),
-    (["convert", "{C}", "-o", "{T}/g", "--region-size", "3x3", "--top-k", "0"], "--top-k: top_k values must be >= 1"),
-    (["convert", "{C}", "-o", "{T}/g", "--region-size", "3x3", "--top-k", "2", "--context-tokens", "-1"],
+    (["convert", "{C}", "-o", "{T}/g", "--region-size", "0x3", "--gaze-top-k", "2"], "--region-size: expected RHxRW"),
+    (["convert", "{C}", "-o", "{T}/g", "--region-size", "3x3", "--gaze-top-k", "0"],
+     "--gaze-top-k: top_k values must be >= 1"),
+    (["convert", "{C}", "-o", "{T}/g", "--region-size", "3x3", "--gaze-top-k", "2", "--context-tokens", "-1"],
      "--context-tokens: must be an integer in 0 .. 256, got -1"),
-    (["convert", "{C}", "-o", "{T}/g", "--region-size", "3x3", "--top-k", "2", "--image-size", "0"],
+    (["convert", "{C}", "-o", "{T}/g", "--region-size", "3x3", "--gaze-top-k", "2", "--image-size", "0"],
      "--image-size: must be an integer in 1 .. 8192, got 0"),
     (["serve", "{E}", "--port", "70000"], "--port: must be an integer in 0 .. 65535, got 70000"),
     (["serve", "{E}", "--max-queue", "-1"], "--max-queue: must be an integer >= 0, got -1"),
@@ -338,7 +339,7 @@ def test_a_prompts_file_that_is_not_utf8_is_refused_by_calibrate(export_copy: Pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(BAD_UTF8)
     before = listing(export_copy)
-    assert gaze_main(["calibrate", str(export_copy), "--images", str(scenes_dir), "--prompts", str(prompts),
+    assert gaze_main(["calibrate", str(export_copy), "--calib", str(scenes_dir), "--prompts", str(prompts),
                       "--checkpoint", str(runtime_export[0])]) == 2
     assert "is not valid UTF-8 text" in one_line_error(capsys.readouterr().err)
     assert listing(export_copy) == before
@@ -625,14 +626,14 @@ def test_a_folder_over_the_pixel_budget_is_refused_before_decoding(runtime_expor
 
 def test_calibrate_refuses_a_folder_over_the_budget_with_a_flat_peak(runtime_export, export_copy: Path,
                                                                       tmp_path: Path):
-    """calibrate --images: 32 x 64 MP bombs refused from their headers; the peak is that of a one-image refusal."""
+    """calibrate --calib: 32 x 64 MP bombs refused from their headers; the peak is that of a one-image refusal."""
     bombs = huge_compressed_folder(tmp_path / "bombs", 32, 8000)
     small = huge_compressed_folder(tmp_path / "small", 1, 16)
     code = (f"import sys\n{PEAK_RSS}\nfrom gaze_edge.cli import main\n"
             "export, ckpt, small, bombs = sys.argv[1:]\n"
             "base = ['calibrate', export, '--checkpoint', ckpt]\n"
-            "rc0 = main(base + ['--images', small, '--max-total-pixels', '1'])\n"  # same path, same imports
-            "p0 = peak_rss()\nrc1 = main(base + ['--images', bombs])\n"
+            "rc0 = main(base + ['--calib', small, '--max-total-pixels', '1'])\n"  # same path, same imports
+            "p0 = peak_rss()\nrc1 = main(base + ['--calib', bombs])\n"
             "print('rss', rc0, rc1, p0, peak_rss(), file=sys.stderr)\n")
     before = listing(export_copy)
     result = subprocess.run([sys.executable, "-c", code, str(export_copy), str(runtime_export[0]), str(small),
@@ -684,7 +685,7 @@ def test_the_budget_flag_of_quantize_and_calibrate(runtime_export, export_copy: 
     assert "its 4 images hold 9,216 pixels in all, more than the budget of 5,000 (--max-total-pixels)" in line, line
     assert not out.exists() and leftovers(tmp_path) == []
     before = listing(export_copy)
-    assert gaze_main(["calibrate", str(export_copy), "--images", str(scenes_dir), "--checkpoint",
+    assert gaze_main(["calibrate", str(export_copy), "--calib", str(scenes_dir), "--checkpoint",
                       str(runtime_export[0]), "--max-total-pixels", "5000"]) == 2
     assert "--max-total-pixels" in one_line_error(capsys.readouterr().err)
     assert listing(export_copy) == before
@@ -759,7 +760,7 @@ def test_sigterm_during_export_keeps_the_old_output(runtime_export, tmp_path: Pa
     out.mkdir()
     (out / "keep.txt").write_text("the previous export")
     rc, err = signal_at(["export", str(runtime_export[0]), "-o", str(out), "--force", "--max-images", "1",
-                         "--validate-scenes", "1"], "[2/6]", signal.SIGTERM)
+                         "--validate-scenes", "1"], "[2/6]", signal.SIGTERM, stream="stderr")  # progress: stderr
     assert rc == 143, err
     assert err.splitlines()[-1] == "gaze: interrupted (SIGTERM)", err
     assert "Traceback" not in err
@@ -777,8 +778,8 @@ def test_sighup_during_quantize_leaves_nothing(runtime_export, scenes_dir: Path,
 
 def test_sigterm_during_calibrate_leaves_the_export_as_it_was(export_copy: Path, runtime_export, scenes_dir: Path):
     before = {p: (export_copy / p).read_bytes() for p in listing(export_copy) if (export_copy / p).is_file()}
-    rc, err = signal_at(["calibrate", str(export_copy), "--images", str(scenes_dir), "--checkpoint",
-                         str(runtime_export[0]), "--batch-size", "2", "--max-new-tokens", "8"], "[2/5]",
+    rc, err = signal_at(["calibrate", str(export_copy), "--calib", str(scenes_dir), "--checkpoint",
+                         str(runtime_export[0]), "--batch", "2", "--max-new-tokens", "8"], "[2/5]",
                         signal.SIGTERM, stream="stderr")
     assert rc == 143, err
     assert "gaze: interrupted (SIGTERM)" in err and "Traceback" not in err
@@ -799,7 +800,7 @@ def test_sigterm_at_every_stage_of_export(runtime_export, tmp_path: Path, stage:
     out.mkdir()
     (out / "keep.txt").write_text("the previous export")
     rc, err = signal_at(["export", str(runtime_export[0]), "-o", str(out), "--force", "--max-images", "1",
-                         "--validate-scenes", "1"], f"[{stage}/6]", signal.SIGTERM)
+                         "--validate-scenes", "1"], f"[{stage}/6]", signal.SIGTERM, stream="stderr")
     assert rc in (0, 143) and "Traceback" not in err, err
     assert leftovers(tmp_path) == []
     _intact_or_complete(out, ["keep.txt"])
@@ -828,8 +829,8 @@ def test_sigterm_at_every_stage_of_calibrate(export_copy: Path, runtime_export, 
     from gaze_edge.runtime import GazeRuntime
 
     before = {p: (export_copy / p).read_bytes() for p in listing(export_copy) if (export_copy / p).is_file()}
-    rc, err = signal_at(["calibrate", str(export_copy), "--images", str(scenes_dir), "--checkpoint",
-                         str(runtime_export[0]), "--batch-size", "2", "--max-new-tokens", "8", "--held-out",
+    rc, err = signal_at(["calibrate", str(export_copy), "--calib", str(scenes_dir), "--checkpoint",
+                         str(runtime_export[0]), "--batch", "2", "--max-new-tokens", "8", "--held-out",
                          str(scenes_dir)], f"[{stage}/5]", signal.SIGTERM, stream="stderr")  # [4/5]: held-out
     assert rc in (0, 143) and "Traceback" not in err, err
     assert not [p for p in listing(export_copy) if p.endswith(".tmp")]
@@ -1031,7 +1032,7 @@ def test_an_engine_is_replaced_atomically(tmp_path: Path, monkeypatch, signum):
 
 @pytest.mark.parametrize("argv, blocked", [
     (["export", "{T}/ckpt", "-o", "{T}/out"], "torch"),
-    (["calibrate", "{T}/export", "--images", "{T}"], "torch"),
+    (["calibrate", "{T}/export", "--calib", "{T}"], "torch"),
     (["quantize", "{T}/export", "-o", "{T}/q", "--held-out", "{T}"], "onnx"),
     (["demo"], "torch"),
 ])

@@ -360,10 +360,10 @@ def test_bad_inputs_are_named(runtime_export, int8_weight, held_out, tmp_path):
     cases = [
         ((runtime_export[0], "-o", out, "--held-out", held_out), ExportFolderError, "not an export folder"),
         ((tmp_path / "missing", "-o", out, "--held-out", held_out), ExportFolderError, "does not exist"),
-        ((src, "-o", out, "--mode", "int8", "--held-out", held_out), InputError, "pass --images"),
+        ((src, "-o", out, "--mode", "int8", "--held-out", held_out), InputError, "pass --calib"),
         ((src, "-o", out), InputError, "pass --held-out DIR"),
-        ((src, "-o", out, "--mode", "int8", "--images", empty), InputError, "has no images"),
-        ((src, "-o", out, "--images", corrupt), InputError, "a.png"),
+        ((src, "-o", out, "--mode", "int8", "--calib", empty), InputError, "has no images"),
+        ((src, "-o", out, "--calib", corrupt), InputError, "a.png"),
         ((src, "-o", exists, "--held-out", held_out), qz.QuantizeError, "already exists; pass --force"),
         ((src, "-o", src, "--held-out", held_out, "--force"), InputError, "source export itself"),
         ((src, "-o", src.parent, "--held-out", held_out, "--force"), InputError, "nested"),
