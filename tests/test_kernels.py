@@ -501,3 +501,264 @@ def test_fp32_split_merge(backend: gb.Backend, dim: int) -> None:
                      images=(1, 2), query_len=2, top_k=8)
     got = run_calls(backend, case, "float32", extra_slots=300)[0]
     assert got["splits"] > 1
+
+
+# ---- node v2: the runtime's layout tables (gaze_forward_v2) ---------------------------------------
+
+from gaze_edge.runtime.cache import SlotState  # noqa: E402
+
+
+def run_v2(backend: gb.Backend, case: GazeCase, dtype: str, chunks: list[int], spare_slots: int = 5,
+           stage_mask: int = 7) -> list[dict]:
+    """Feed the whole sequence call by call through gaze_forward_v2, as the runtime does.
+
+    The tables come from runtime.cache.SlotState, written before each call exactly as in
+    tests/test_export_function.py run_in_chunks; one cache buffer serves past and present (in place).
+    Checked: every call's new slots written bit for bit (the rest untouched), descriptor sums after
+    each call, each call's selection counts and sets (a near-tie at the k-th score may differ: then
+    that query's output is not compared), and the outputs of the case's queries (the last
+    q.shape[2] tokens) against gaze_attention_reference for the case's routing and context mode."""
+    try:
+        return _run_v2(backend, case, dtype, chunks, spare_slots, stage_mask)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n[v2 {dtype} {case.routing}/{case.context_attention}, case seed {case.seed}, "
+                             f"{describe(backend)}]") from e
+
+
+def _run_v2(backend: gb.Backend, case: GazeCase, dtype: str, chunks: list[int], spare_slots: int,
+            stage_mask: int) -> list[dict]:
+    lib = backend.lib
+    B, Hq, Tq, D = case.q.shape
+    Hkv, L = case.k.shape[1], case.k.shape[2]
+    S, R = L + spare_slots, case.num_regions
+    mrt = int(max(np.bincount(case.k_region[b][case.k_valid[b] & (case.k_region[b] >= 0)], minlength=1).max()
+                  for b in range(B)))
+    scale = 1.0 / np.sqrt(D)
+    dt = gb.np_dtype(dtype)
+    q_all = np.random.default_rng(case.seed).standard_normal((B, Hq, L, D))
+    q_all[:, :, L - Tq:] = case.q
+    qr, kr, vr = (np.ascontiguousarray(x.astype(dt)) for x in (q_all, case.k, case.v))
+    q64, k64, v64 = (x.astype(np.float64) for x in (qr, kr, vr))
+    gaze_all = np.zeros((B, L), bool)
+    gaze_all[:, L - Tq:] = case.gaze
+    ref = gaze_attention_reference(q64[:, :, L - Tq:], k64, v64, **case.reference_kwargs(), scale=scale)
+    per_head = case.routing == "query_head"
+    Hsel = Hq if per_head else Hkv
+    kmax = min(case.top_k, R)
+    attrs = gk.Attrs(case.top_k, mrt, scale, gk.ROUTING[case.routing], gk.CONTEXT_ATTENTION[case.context_attention])
+
+    cache_k = backend.upload(np.zeros((B, Hkv, S, D), dt))
+    cache_v = backend.upload(np.zeros((B, Hkv, S, D), dt))
+    desc = backend.upload(np.zeros((B, Hkv, R, D), np.float32))
+    slots = SlotState(B, S, R, mrt)
+    sizes = list(chunks)
+    while sum(sizes) < L:
+        sizes.append(1)
+    outputs, compare, results, start = [], [], [], 0
+    for size in sizes:
+        if start >= L:
+            break
+        sl = slice(start, min(start + size, L))
+        T = sl.stop - sl.start
+        offset = slots.write(case.k_pos[:, sl], case.k_region[:, sl], case.k_valid[:, sl], case.k_image[:, sl])
+        assert offset == sl.start
+        tabs = slots.tables()
+        up = {name: backend.upload(np.ascontiguousarray(a)) for name, a in tabs.items()}
+        gz, off = backend.upload(np.ascontiguousarray(gaze_all[:, sl])), backend.upload(np.array([offset], np.int64))
+        q_d = backend.upload(qr[:, :, sl])
+        new_k, new_v = backend.upload(kr[:, :, sl]), backend.upload(vr[:, :, sl])
+        out = backend.upload(np.full((B, Hq, T, D), np.nan, dt))
+        sel = backend.upload(np.full((B, Hsel, T, kmax), -2, np.int32))
+        nsel = backend.upload(np.full((B, Hsel, T), -2, np.int32))
+        problem = gk.Problem(batch=B, new_tokens=T, cache_len=S, num_regions=R, q_heads=Hq, kv_heads=Hkv,
+                             head_dim=D, dtype=gk.DTYPE_CODES[dtype], top_k=case.top_k, max_region_tokens=mrt)
+        ws_bytes = lib.workspace_size(problem)
+        ws = backend.upload(np.zeros(ws_bytes, np.uint8))
+        base = gk.Tensors(q_d.ptr, new_k.ptr, new_v.ptr, cache_k.ptr, cache_v.ptr, desc.ptr, up["slot_pos"].ptr,
+                          up["slot_region"].ptr, up["slot_valid"].ptr, gz.ptr, off.ptr, out.ptr, cache_k.ptr,
+                          cache_v.ptr, desc.ptr)
+        tensors = gk.TensorsV2(base, up["slot_image"].ptr, up["dense_slots"].ptr, up["region_slots"].ptr,
+                               up["region_count"].ptr, up["region_last"].ptr, tabs["dense_slots"].shape[1])
+        lib.forward_v2(problem, attrs, tensors, ws.ptr, ws_bytes, backend.stream, sel.ptr, nsel.ptr, stage_mask)
+        assert lib.device_errors(problem, ws.ptr, backend.stream) == 0
+
+        pk, pv = backend.download(cache_k), backend.download(cache_v)
+        end = sl.stop
+        assert (_bits(pk[:, :, :end]) == _bits(kr[:, :, :end])).all()
+        assert (_bits(pv[:, :, :end]) == _bits(vr[:, :, :end])).all()
+        assert not _bits(pk[:, :, end:]).any() and not _bits(pv[:, :, end:]).any()
+        desc64 = np.zeros((B, Hkv, R, D))
+        for b in range(B):
+            for s in range(end):
+                r = case.k_region[b, s]
+                if case.k_valid[b, s] and r >= 0:
+                    desc64[b, :, r] += k64[b, :, s]
+        got_desc = backend.download(desc)
+        np.testing.assert_allclose(got_desc, desc64, rtol=1e-5, atol=1e-4)
+
+        got_sel, got_nsel = backend.download(sel), backend.download(nsel)
+        ok = np.ones((B, T), bool)  # query columns whose selection is the reference's (or not a gaze query)
+        for b in range(B):
+            for t in range(T):
+                slot = sl.start + t
+                is_gaze = bool(gaze_all[b, slot] and case.k_valid[b, slot])
+                if not is_gaze:
+                    assert (got_nsel[b, :, t] == 0).all()
+                    continue
+                j = slot - (L - Tq)
+                assert j >= 0, "gaze queries must be among the case's queries"
+                for h in range(Hsel):
+                    n = got_nsel[b, h, t]
+                    picked = got_sel[b, h, t, :n]
+                    want = ref.selected[b, h, j]
+                    assert n == want.sum(), "number selected = min(top_k, eligible)"
+                    assert len(set(picked.tolist())) == n and (picked >= 0).all()
+                    mine = np.zeros(R, bool)
+                    mine[picked] = True
+                    if (mine != want).any():
+                        score = ref.scores[b, h, j]
+                        kth = score[want].min()
+                        tol = 1e-3 * max(1.0, np.abs(score[want]).max())
+                        assert np.all(np.abs(score[mine != want] - kth) <= tol), (b, h, t, score[mine != want], kth)
+                        ok[b, t] = False
+        outputs.append(backend.download(out).astype(np.float64))
+        compare.append(ok)
+        results.append({"problem": problem, "sel": got_sel, "nsel": got_nsel, "desc": got_desc,
+                        "splits": lib.plan_splits(problem, backend.num_sms)})
+        start = sl.stop
+
+    full = np.concatenate(outputs, axis=2)[:, :, L - Tq:]
+    keep = np.concatenate(compare, axis=1)[:, L - Tq:] & case.k_valid[:, L - Tq:]  # padding queries: unspecified
+    rows = np.broadcast_to(keep[:, None, :, None], full.shape)
+    assert rows.any()
+    diff = np.linalg.norm((full - ref.out)[rows]) / np.linalg.norm(ref.out[rows])
+    assert diff <= TOL[dtype], f"relative error {diff:.3g} > {TOL[dtype]}"
+    return results
+
+
+def _v2_case(routing: str, context_attention: str, **kw) -> GazeCase:
+    args = dict(batch=2, kv_heads=2, group=2, dim=64, grid=(6, 6), region=(2, 2), images=(1, 2), context=2,
+                generated=4, query_len=None, top_k=3)
+    args.update(kw)
+    return make_case(fresh_seed(), routing=routing, context_attention=context_attention, **args)
+
+
+def _v2_chunks(case: GazeCase) -> list[int]:
+    """A prefill chunk (> kDecodeMaxT: prefill kernel) that cuts a region, a T = 5 chunk (decode kernel
+    serving dense queries), the rest of the prompt with the first generated token (a mixed call),
+    then single-token decode steps."""
+    L = case.k.shape[2]
+    first_visual = int(np.flatnonzero(case.k_region[0] >= 0)[0])
+    c1 = max(first_visual + 7, 9)
+    c2 = c1 + 5
+    return [c1, 5, L - 3 - c2]
+
+
+V2_CONFIGS = [  # (dtype, dim, group, spare slots)
+    ("float32", 64, 2, 5),
+    ("float16", 128, 3, 5),
+    ("bfloat16", 64, 4, 300),  # a longer cache: decode steps with several splits
+]
+
+
+@pytest.mark.parametrize("context_attention", ["causal", "own_image"])
+@pytest.mark.parametrize("routing", ["kv_head", "query_head"])
+@pytest.mark.parametrize(("dtype", "dim", "group", "spare"), V2_CONFIGS)
+def test_v2_tables_match_reference(backend: gb.Backend, dtype: str, dim: int, group: int, spare: int,
+                                   routing: str, context_attention: str) -> None:
+    case = _v2_case(routing, context_attention, dim=dim, group=group)
+    results = run_v2(backend, case, dtype, _v2_chunks(case), spare_slots=spare)
+    assert [r["problem"].new_tokens for r in results][-3:] == [1, 1, 1]
+    assert all((r["nsel"][:, :, -1] == 3).all() for r in results[-3:])  # decode steps are gaze queries
+    if spare == 300:
+        assert results[-1]["splits"] > 1
+
+
+@pytest.mark.parametrize("routing", ["kv_head", "query_head"])
+def test_v2_video_frames_accumulate(backend: gb.Backend, routing: str) -> None:
+    """Video with region_frames = 2: a region's tokens arrive over two frames (and calls)."""
+    case = _v2_case(routing, "own_image", images=(3, 2), video=True, region_frames=2, top_k=2, grid=(4, 4))
+    run_v2(backend, case, "float32", _v2_chunks(case))
+
+
+def test_v2_whole_prompt_then_decode(backend: gb.Backend) -> None:
+    """One prefill call over the whole prompt (dense and the first gaze query), then decode."""
+    case = _v2_case("query_head", "own_image", dim=128, group=2)
+    L = case.k.shape[2]
+    run_v2(backend, case, "float16", [L - 3])
+
+
+def test_v2_refuses_a_separate_present(backend: gb.Backend) -> None:
+    """No silent full-cache copy: a v2 call whose present buffers are not the past buffers is refused."""
+    B, Hq, Hkv, T, S, R, D, M = 1, 2, 1, 1, 8, 2, 64, 2
+    up = backend.upload
+    q, new = up(np.zeros((B, Hq, T, D), np.float16)), up(np.zeros((B, Hkv, T, D), np.float16))
+    past, other = up(np.zeros((B, Hkv, S, D), np.float16)), up(np.zeros((B, Hkv, S, D), np.float16))
+    desc = up(np.zeros((B, Hkv, R, D), np.float32))
+    i64 = up(np.zeros((B, S), np.int64))
+    valid, gz, off = up(np.ones((B, S), bool)), up(np.zeros((B, T), bool)), up(np.array([0], np.int64))
+    dense, rs = up(np.full((B, 32), -1, np.int64)), up(np.full((B, R, M), -1, np.int64))
+    rc, rl = up(np.zeros((B, R), np.int64)), up(np.full((B, R), -1, np.int64))
+    out = up(np.zeros((B, Hq, T, D), np.float16))
+    problem = gk.Problem(batch=B, new_tokens=T, cache_len=S, num_regions=R, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                         dtype=gk.F16, top_k=1, max_region_tokens=M)
+    ws_bytes = backend.lib.workspace_size(problem)
+    ws = up(np.zeros(ws_bytes, np.uint8))
+    base = gk.Tensors(q.ptr, new.ptr, new.ptr, past.ptr, past.ptr, desc.ptr, i64.ptr, i64.ptr, valid.ptr, gz.ptr,
+                      off.ptr, out.ptr, other.ptr, past.ptr, desc.ptr)
+    t = gk.TensorsV2(base, i64.ptr, dense.ptr, rs.ptr, rc.ptr, rl.ptr, 32)
+    with pytest.raises(gk.GazeKernelError, match="in place only") as info:
+        backend.lib.forward_v2(problem, gk.Attrs(1, M, 0.125), t, ws.ptr, ws_bytes, backend.stream)
+    assert info.value.status == gk.ERR_INVALID
+    # The v1 entry point has no tables: it refuses the v2 attributes instead of ignoring them.
+    with pytest.raises(gk.GazeKernelError, match="gaze_forward_v2"):
+        backend.lib.forward(problem, gk.Attrs(1, M, 0.125, 1, 0), base, ws.ptr, ws_bytes, backend.stream)
+
+
+def test_v2_descriptor_sums_are_bit_identical(backend: gb.Backend) -> None:
+    """Descriptor sums are deterministic: the same bits under every harness scheduling seed (on a GPU,
+    on every run), and exactly the fp32 sums of each call's region tokens in slot order added once
+    to the running sum (desc_sum_kernel), with regions cut by call boundaries (accumulation)."""
+    if isinstance(backend, gb.CpuBackend) and backend.seed != SEEDS[0]:
+        pytest.skip(f"runs the harness seeds {SEEDS} itself, under cpu-seed{SEEDS[0]}")
+    case = _v2_case("kv_head", "causal", dim=64, group=2)
+    chunks = _v2_chunks(case)
+    seeds = list(dict.fromkeys([*SEEDS, 0, 1])) if isinstance(backend, gb.CpuBackend) else [None, None]
+    runs = []
+    for s in seeds:
+        if s is not None:
+            backend.set_seed(s)
+        runs.append([r["desc"] for r in run_v2(backend, case, "float32", chunks)])
+    for other in runs[1:]:
+        assert all((_bits(x) == _bits(y)).all() for x, y in zip(runs[0], other, strict=True))
+    B, Hkv, L, D = case.k.shape
+    k32 = case.k.astype(np.float32)
+    desc = np.zeros((B, Hkv, case.num_regions, D), np.float32)
+    sizes = list(chunks) + [1] * (L - sum(chunks))
+    start = 0
+    for size, got in zip(sizes, runs[0], strict=True):
+        for b in range(B):
+            for r in range(case.num_regions):
+                acc, any_new = np.zeros((Hkv, D), np.float32), False
+                for s in range(start, start + size):
+                    if case.k_valid[b, s] and case.k_region[b, s] == r:
+                        acc = acc + k32[b, :, s]
+                        any_new = True
+                if any_new:
+                    desc[b, :, r] = desc[b, :, r] + acc
+        assert (_bits(got) == _bits(desc)).all(), f"call at slot {start}"
+        start += size
+    assert _regions_split_by(case, list(np.cumsum(sizes)[:-1])) >= 1
+
+
+def test_v2_long_call_region_leaders_across_tiles(backend: gb.Backend) -> None:
+    """One call of > 256 new tokens (the descriptor kernel's region tile): a region whose tokens lie
+    on both sides of new-token index 256 must still get exactly one leader (sum added once)."""
+    case = _v2_case("kv_head", "causal", batch=1, kv_heads=1, group=2, dim=64, grid=(12, 12), images=(2,),
+                    generated=1, top_k=4)
+    L = case.k.shape[2]
+    assert L > 256
+    straddles = [r for r in range(case.num_regions)
+                 if (lambda s: s.size and s.min() < 256 <= s.max())(np.flatnonzero(case.k_region[0] == r))]
+    assert straddles, "a region must straddle new-token index 256"
+    run_v2(backend, case, "float32", [L - 1])

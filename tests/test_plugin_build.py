@@ -98,7 +98,7 @@ def test_plugin_is_skipped_without_tensorrt(lib: gk.GazeKernels) -> None:
 
 
 def test_loads_without_a_gpu(lib: gk.GazeKernels) -> None:
-    assert lib.abi_version() == 1
+    assert lib.abi_version() == 2
     count = lib.cuda_device_count()  # 0 without a driver or device, never a crash
     assert count >= 0
 
@@ -156,6 +156,30 @@ def test_bad_attribute_value(lib: gk.GazeKernels, field: gk.Field, message: str,
     with pytest.raises(gk.GazeKernelError, match=message) as info:
         lib.parse_attributes(fields)
     assert info.value.status == status
+
+
+def test_v2_attributes_parse_and_default_to_v1_behaviour(lib: gk.GazeKernels) -> None:
+    a = lib.parse_attributes(GOOD)  # node v1: absent -> kv_head, causal
+    assert (a.routing, a.context_attention) == (0, 0)
+    a = lib.parse_attributes(GOOD + [gk.Field.int32("routing", 1), gk.Field.int32("context_attention", 1)])
+    assert (a.routing, a.context_attention) == (1, 1)
+
+
+@pytest.mark.parametrize(("field", "message"), [
+    (gk.Field.int32("routing", 2), "'routing' must be 0 \\(kv_head\\) or 1 \\(query_head\\), got 2"),
+    (gk.Field.int32("context_attention", -1), "'context_attention' must be 0 \\(causal\\) or 1 \\(own_image\\)"),
+    (gk.Field.string("routing", "kv_head"), "'routing' must be one INT"),
+])
+def test_bad_v2_attribute(lib: gk.GazeKernels, field: gk.Field, message: str) -> None:
+    with pytest.raises(gk.GazeKernelError, match=message) as info:
+        lib.parse_attributes(GOOD + [field])
+    assert info.value.status == gk.ERR_INVALID
+
+
+def test_v2_attributes_reach_the_abi_checks(lib: gk.GazeKernels) -> None:
+    """A bad routing given straight through the C struct is refused by every entry point that validates."""
+    with pytest.raises(gk.GazeKernelError, match="'routing' must be"):
+        lib.infer_outputs(node_inputs(), gk.Attrs(4, 9, 0.125, 5, 0))
 
 
 # ---- shapes and dtypes ------------------------------------------------------------------------
@@ -258,7 +282,7 @@ def expected_workspace(p: gk.Problem) -> int:
     kmax = min(p.top_k, R)
     rows = B * partial * p.q_heads * 16
     return sum(a(n) for n in (4, B * R * 4, B * R * 8, B * R * mrt * 4, B * S * 4, B * S * 4, B * 4, B * 4,
-                               B * p.kv_heads * chunk * kmax * 4, B * p.kv_heads * chunk * 4,
+                               B * p.q_heads * chunk * kmax * 4, B * p.q_heads * chunk * 4,
                                rows * p.head_dim * 4, rows * 2 * 4))
 
 
@@ -316,3 +340,41 @@ def test_forward_without_gpu_fails_cleanly(lib: gk.GazeKernels) -> None:
     with pytest.raises(gk.GazeKernelError, match="cudaGetDevice|CUDA") as info:
         lib.forward(problem(), gk.Attrs(4, 16, 0.1), gk.Tensors(), 0, 0)
     assert info.value.status == gk.ERR_CUDA
+
+
+# ---- node v2 shape rules (16 inputs) -------------------------------------------------------------
+
+
+def node_inputs_v2(B: int = 2, Hq: int = 8, Hkv: int = 2, T: int = 3, S: int = 50, R: int = 12, D: int = 64,
+                   N: int = 32, M: int = 9, dtype: int = gk.F16) -> list[tuple[int, tuple[int, ...]]]:
+    return [
+        (dtype, (B, Hq, T, D)), (dtype, (B, Hkv, T, D)), (dtype, (B, Hkv, T, D)),
+        (dtype, (B, Hkv, S, D)), (dtype, (B, Hkv, S, D)), (gk.F32, (B, Hkv, R, D)), (gk.I64, (1,)),
+        (gk.I64, (B, S)), (gk.BOOL, (B, S)), (gk.I64, (B, S)), (gk.I64, (B, S)), (gk.BOOL, (B, T)),
+        (gk.I64, (B, N)), (gk.I64, (B, R, M)), (gk.I64, (B, R)), (gk.I64, (B, R)),
+    ]
+
+
+def test_v2_outputs_follow_inputs(lib: gk.GazeKernels) -> None:
+    a = gk.Attrs(4, 9, 0.125, 1, 1)
+    assert lib.infer_outputs_v2(node_inputs_v2(), a) == [
+        (gk.F16, (2, 8, 3, 64)), (gk.F16, (2, 2, 50, 64)), (gk.F16, (2, 2, 50, 64)), (gk.F32, (2, 2, 12, 64))]
+    assert lib.infer_outputs_v2(node_inputs_v2(B=-1, T=-1, S=-1, N=-1), a)[0][1] == (-1, 8, -1, 64)
+
+
+@pytest.mark.parametrize(("inputs", "message"), [
+    (node_inputs_v2()[:15], "v2 takes 16 inputs, got 15"),
+    (_with(node_inputs_v2(), 13, dims=(2, 12)), "'region_slots' must have rank 3"),
+    (_with(node_inputs_v2(), 13, dims=(2, 12, 8)), "dimension M is 9 in attribute max_region_tokens but 8"),
+    (_with(node_inputs_v2(), 14, dims=(2, 11)), "dimension R is 12 in past_desc.*but 11"),
+    (_with(node_inputs_v2(), 12, dims=(2, 0)), "dense_slots must have N >= 1"),
+    (_with(node_inputs_v2(), 12, dtype=gk.I32), "'dense_slots' has dtype int32, expected int64"),
+    (_with(node_inputs_v2(), 10, dims=(2, 49)), "dimension S is 50 in past_key.*but 49"),
+    (_with(node_inputs_v2(), 8, dtype=gk.I64), "'slot_valid' has dtype int64, expected bool"),
+    (_with(node_inputs_v2(), 6, dims=(2,)), "write_offset size is 1 in the contract but 2"),
+    (_with(node_inputs_v2(), 15, dims=(3, 12)), "dimension B is 2 .* but 3"),
+])
+def test_v2_shape_rules(lib: gk.GazeKernels, inputs: list, message: str) -> None:
+    with pytest.raises(gk.GazeKernelError, match=message) as info:
+        lib.infer_outputs_v2(inputs, gk.Attrs(4, 9, 0.125))
+    assert info.value.status == gk.ERR_INVALID

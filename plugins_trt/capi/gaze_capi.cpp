@@ -97,7 +97,7 @@ int32_t gaze_parse_attributes(const gaze_field_t* fields, int32_t num_fields, ga
       f[i] = gaze::Field{fields[i].name, fields[i].data, static_cast<gaze::FieldType>(fields[i].type),
                          fields[i].length};
     const gaze::Attributes a = gaze::parse_attributes(f.data(), num_fields);
-    *out = gaze_attrs_t{a.top_k, a.max_region_tokens, a.scale};
+    *out = gaze_attrs_t{a.top_k, a.max_region_tokens, a.scale, a.routing, a.context_attention};
     return int32_t(GAZE_OK);
   });
 }
@@ -108,6 +108,8 @@ static gaze::Attributes to_attrs(const gaze_attrs_t* a) {
   r.top_k = a->top_k;
   r.max_region_tokens = a->max_region_tokens;
   r.scale = a->scale;
+  r.routing = a->routing;
+  r.context_attention = a->context_attention;
   return r;
 }
 
@@ -118,13 +120,14 @@ static std::vector<gaze::TensorDesc> to_descs(const gaze_tensor_desc_t* inputs, 
   return in;
 }
 
-int32_t gaze_infer_outputs(const gaze_tensor_desc_t* inputs, int32_t num_inputs, const gaze_attrs_t* attrs,
-                           gaze_tensor_desc_t* outputs, int32_t num_outputs) {
+static int32_t infer_outputs_impl(const gaze_tensor_desc_t* inputs, int32_t num_inputs, const gaze_attrs_t* attrs,
+                                  gaze_tensor_desc_t* outputs, int32_t num_outputs, bool v2) {
   return guarded([&] {
     if (outputs == nullptr || num_outputs != gaze::kNumOutputs)
       return fail(GAZE_ERR_INVALID, "GazeAttention has 4 outputs; pass room for exactly 4");
     const auto in = to_descs(inputs, num_inputs);
-    const auto out = gaze::infer_outputs(in.data(), num_inputs, to_attrs(attrs));
+    const auto out = v2 ? gaze::infer_outputs_v2(in.data(), num_inputs, to_attrs(attrs))
+                        : gaze::infer_outputs(in.data(), num_inputs, to_attrs(attrs));
     for (int i = 0; i < gaze::kNumOutputs; ++i) {
       outputs[i].dtype = static_cast<int32_t>(out[i].dtype);
       outputs[i].nb_dims = out[i].nb_dims;
@@ -132,6 +135,16 @@ int32_t gaze_infer_outputs(const gaze_tensor_desc_t* inputs, int32_t num_inputs,
     }
     return int32_t(GAZE_OK);
   });
+}
+
+int32_t gaze_infer_outputs(const gaze_tensor_desc_t* inputs, int32_t num_inputs, const gaze_attrs_t* attrs,
+                           gaze_tensor_desc_t* outputs, int32_t num_outputs) {
+  return infer_outputs_impl(inputs, num_inputs, attrs, outputs, num_outputs, false);
+}
+
+int32_t gaze_infer_outputs_v2(const gaze_tensor_desc_t* inputs, int32_t num_inputs, const gaze_attrs_t* attrs,
+                              gaze_tensor_desc_t* outputs, int32_t num_outputs) {
+  return infer_outputs_impl(inputs, num_inputs, attrs, outputs, num_outputs, true);
 }
 
 int32_t gaze_supports_io_dtype(int32_t pos, int32_t dtype, int32_t query_dtype) {
@@ -206,9 +219,11 @@ int32_t gaze_cuda_device_count(int32_t* count) {
 
 static int32_t forward_impl(const gaze_problem_t* problem, const gaze_attrs_t* attrs, const gaze_tensors_t* t,
                             void* workspace, uint64_t workspace_bytes, void* stream, int32_t* selected,
-                            int32_t* num_selected, int32_t stage_mask) {
+                            int32_t* num_selected, int32_t stage_mask, const gaze_tensors_v2_t* t2 = nullptr) {
   return guarded([&] {
     if (t == nullptr) return fail(GAZE_ERR_INVALID, "tensors pointer is null");
+    if (t2 == nullptr && attrs != nullptr && (attrs->routing != 0 || attrs->context_attention != 0))
+      return fail(GAZE_ERR_INVALID, "routing/context_attention need the node v2 tables: call gaze_forward_v2");
     int device = 0, sms = 0;
     cudaError_t e = cudaGetDevice(&device);
     if (e != cudaSuccess) return cuda_fail(e, "cudaGetDevice");
@@ -217,6 +232,15 @@ static int32_t forward_impl(const gaze_problem_t* problem, const gaze_attrs_t* a
     gaze::Tensors x{t->query, t->key, t->value, t->past_key, t->past_value, t->past_desc, t->slot_pos,
                     t->slot_region, t->slot_valid, t->gaze, t->write_offset, t->output, t->present_key,
                     t->present_value, t->present_desc};
+    if (t2 != nullptr) {
+      x.slot_image = t2->slot_image;
+      x.dense_slots = t2->dense_slots;
+      x.region_slots = t2->region_slots;
+      x.region_count = t2->region_count;
+      x.region_last = t2->region_last;
+      x.dense_len = t2->dense_len;
+      if (x.dense_slots == nullptr) return fail(GAZE_ERR_INVALID, "dense_slots is null");
+    }
     gaze::DebugOutputs dbg{selected, num_selected, stage_mask};
     e = gaze::forward(to_problem(problem), to_attrs(attrs), x, workspace, workspace_bytes, sms,
                       static_cast<cudaStream_t>(stream), &dbg);
@@ -229,6 +253,15 @@ int32_t gaze_forward(const gaze_problem_t* problem, const gaze_attrs_t* attrs, c
                      void* workspace, uint64_t workspace_bytes, void* stream, int32_t* selected,
                      int32_t* num_selected) {
   return forward_impl(problem, attrs, t, workspace, workspace_bytes, stream, selected, num_selected, 7);
+}
+
+int32_t gaze_forward_v2(const gaze_problem_t* problem, const gaze_attrs_t* attrs, const gaze_tensors_v2_t* t,
+                        void* workspace, uint64_t workspace_bytes, void* stream, int32_t* selected,
+                        int32_t* num_selected, int32_t stage_mask) {
+  if (t == nullptr) return fail(GAZE_ERR_INVALID, "tensors pointer is null");
+  if (stage_mask < 0 || stage_mask > 7) return fail(GAZE_ERR_INVALID, "stage_mask must be in 0..7");
+  return forward_impl(problem, attrs, &t->base, workspace, workspace_bytes, stream, selected, num_selected,
+                      stage_mask, t);
 }
 
 int32_t gaze_forward_stages(const gaze_problem_t* problem, const gaze_attrs_t* attrs, const gaze_tensors_t* t,

@@ -12,7 +12,8 @@
 extern "C" {
 #endif
 
-#define GAZE_ABI_VERSION 1
+/* 2: gaze_attrs_t gained routing/context_attention; gaze_forward_v2 (node v2 tables). */
+#define GAZE_ABI_VERSION 2
 
 enum gaze_status {
   GAZE_OK = 0,
@@ -38,6 +39,8 @@ typedef struct {
   int32_t top_k;
   int32_t max_region_tokens;
   float scale;
+  int32_t routing;           /* node v2: 0 kv_head, 1 query_head (0 for node v1) */
+  int32_t context_attention; /* node v2: 0 causal, 1 own_image (0 for node v1) */
 } gaze_attrs_t;
 
 typedef struct {
@@ -61,6 +64,17 @@ typedef struct {
   float* present_desc;
 } gaze_tensors_t;
 
+/* Node v2 (docs/ONNX_CONTRACT.md): the v1 pointers plus the runtime's layout tables. */
+typedef struct {
+  gaze_tensors_t base;
+  const int64_t* slot_image;   /* [B, S] */
+  const int64_t* dense_slots;  /* [B, N], -1 padding */
+  const int64_t* region_slots; /* [B, R, max_region_tokens], -1 padding */
+  const int64_t* region_count; /* [B, R] */
+  const int64_t* region_last;  /* [B, R] */
+  int64_t dense_len;           /* N >= 1 */
+} gaze_tensors_v2_t;
+
 int gaze_abi_version(void);
 const char* gaze_last_error(void);
 const char* gaze_status_name(int32_t status);
@@ -71,6 +85,9 @@ const char* gaze_attribute_name(int32_t i);
 int32_t gaze_parse_attributes(const gaze_field_t* fields, int32_t num_fields, gaze_attrs_t* out);
 int32_t gaze_infer_outputs(const gaze_tensor_desc_t* inputs, int32_t num_inputs, const gaze_attrs_t* attrs,
                            gaze_tensor_desc_t* outputs, int32_t num_outputs);
+/* Node v2 shape rules: 16 inputs in the v2 order (docs/ONNX_CONTRACT.md). */
+int32_t gaze_infer_outputs_v2(const gaze_tensor_desc_t* inputs, int32_t num_inputs, const gaze_attrs_t* attrs,
+                              gaze_tensor_desc_t* outputs, int32_t num_outputs);
 /* 1 if I/O position pos (inputs 0..10, outputs 11..14) may have dtype given query dtype, else 0. */
 int32_t gaze_supports_io_dtype(int32_t pos, int32_t dtype, int32_t query_dtype);
 int32_t gaze_problem_from_inputs(const gaze_tensor_desc_t* inputs, int32_t num_inputs, const gaze_attrs_t* attrs,
@@ -90,6 +107,12 @@ int32_t gaze_cuda_device_count(int32_t* count); /* GAZE_OK and 0 without a GPU o
 int32_t gaze_forward(const gaze_problem_t* problem, const gaze_attrs_t* attrs, const gaze_tensors_t* tensors,
                      void* workspace, uint64_t workspace_bytes, void* stream, int32_t* selected,
                      int32_t* num_selected);
+/* Node v2: the tables come in (no slot index is built), present must alias past (else
+ * GAZE_ERR_INVALID: no silent full-cache copy). selected [B,Hsel,T,kmax] and num_selected
+ * [B,Hsel,T], Hsel = Hkv (routing kv_head) or Hq (query_head). stage_mask as below (7: all). */
+int32_t gaze_forward_v2(const gaze_problem_t* problem, const gaze_attrs_t* attrs, const gaze_tensors_v2_t* tensors,
+                        void* workspace, uint64_t workspace_bytes, void* stream, int32_t* selected,
+                        int32_t* num_selected, int32_t stage_mask);
 /* gaze_forward running only some stages (benchmarks): bit 1 KV write + slot index, bit 2
  * region selection, bit 4 attention; 7 = gaze_forward. */
 int32_t gaze_forward_stages(const gaze_problem_t* problem, const gaze_attrs_t* attrs, const gaze_tensors_t* tensors,

@@ -94,6 +94,11 @@ void validate_attributes(const Attributes& a) {
                 " exceeds the supported maximum " + std::to_string(kMaxRegionTokens));
   if (!(std::isfinite(a.scale) && a.scale > 0.f))
     invalid("attribute 'scale' must be a finite float > 0, got " + std::to_string(a.scale));
+  if (a.routing != kRoutingKvHead && a.routing != kRoutingQueryHead)
+    invalid("attribute 'routing' must be 0 (kv_head) or 1 (query_head), got " + std::to_string(a.routing));
+  if (a.context_attention != kContextCausal && a.context_attention != kContextOwnImage)
+    invalid("attribute 'context_attention' must be 0 (causal) or 1 (own_image), got " +
+            std::to_string(a.context_attention));
 }
 
 Attributes parse_attributes(const Field* fields, int num_fields) {
@@ -113,6 +118,10 @@ Attributes parse_attributes(const Field* fields, int num_fields) {
     } else if (name == "scale") {
       a.scale = get_float(f);
       have_scale = true;
+    } else if (name == "routing") {  // node v2; absent (v1): 0
+      a.routing = get_int(f);
+    } else if (name == "context_attention") {  // node v2; absent (v1): 0
+      a.context_attention = get_int(f);
     } else if (name == "plugin_namespace") {
       if (get_string(f) != kPluginNamespace)
         invalid("attribute 'plugin_namespace' is '" + get_string(f) + "', this plugin is '" + kPluginNamespace + "'");
@@ -247,6 +256,66 @@ std::vector<TensorDesc> infer_outputs(const TensorDesc* in, int num_inputs, cons
   return out;
 }
 
+std::vector<TensorDesc> infer_outputs_v2(const TensorDesc* in, int num_inputs, const Attributes& attrs) {
+  static const char* const kNames[v2::kNumInputs] = {
+      "query", "key", "value", "past_key", "past_value", "past_desc", "write_offset", "slot_pos", "slot_valid",
+      "slot_region", "slot_image", "gaze", "dense_slots", "region_slots", "region_count", "region_last"};
+  validate_attributes(attrs);
+  if (num_inputs != v2::kNumInputs || in == nullptr)
+    invalid("GazeAttention v2 takes " + std::to_string(v2::kNumInputs) + " inputs, got " + std::to_string(num_inputs));
+  static const int kRank[v2::kNumInputs] = {4, 4, 4, 4, 4, 4, 1, 2, 2, 2, 2, 2, 2, 3, 2, 2};
+  for (int i = 0; i < v2::kNumInputs; ++i) {
+    if (in[i].nb_dims != kRank[i])
+      invalid(std::string("input ") + std::to_string(i) + " '" + kNames[i] + "' must have rank " +
+              std::to_string(kRank[i]) + ", got " + dims_str(in[i]));
+  }
+  const DType t = in[v2::kQuery].dtype;
+  if (!supports_io_dtype(gaze::kQuery, t, t))
+    unsupported(std::string("query dtype ") + dtype_name(t) + " is not supported (float32, float16, bfloat16)");
+  for (int i = 1; i < v2::kNumInputs; ++i) {
+    const DType want = i <= v2::kPastValue ? t : i == v2::kPastDesc ? DType::kF32
+                       : (i == v2::kSlotValid || i == v2::kGaze) ? DType::kBool : DType::kI64;
+    if (in[i].dtype != want)
+      invalid(std::string("input ") + std::to_string(i) + " '" + kNames[i] + "' has dtype " +
+              dtype_name(in[i].dtype) + ", expected " + dtype_name(want));
+  }
+  DimVar B{"B"}, T{"T"}, S{"S"}, R{"R"}, Hq{"Hq"}, Hkv{"Hkv"}, D{"D"}, N{"N"}, M{"M"}, one{"write_offset size"};
+  auto at = [](int i, int d) { return std::string(kNames[i]) + ".shape[" + std::to_string(d) + "]"; };
+  B.bind(in[v2::kQuery].dims[0], at(v2::kQuery, 0));
+  Hq.bind(in[v2::kQuery].dims[1], at(v2::kQuery, 1));
+  T.bind(in[v2::kQuery].dims[2], at(v2::kQuery, 2));
+  D.bind(in[v2::kQuery].dims[3], at(v2::kQuery, 3));
+  for (int i : {v2::kKey, v2::kValue}) {
+    B.bind(in[i].dims[0], at(i, 0)); Hkv.bind(in[i].dims[1], at(i, 1));
+    T.bind(in[i].dims[2], at(i, 2)); D.bind(in[i].dims[3], at(i, 3));
+  }
+  for (int i : {v2::kPastKey, v2::kPastValue}) {
+    B.bind(in[i].dims[0], at(i, 0)); Hkv.bind(in[i].dims[1], at(i, 1));
+    S.bind(in[i].dims[2], at(i, 2)); D.bind(in[i].dims[3], at(i, 3));
+  }
+  B.bind(in[v2::kPastDesc].dims[0], at(v2::kPastDesc, 0)); Hkv.bind(in[v2::kPastDesc].dims[1], at(v2::kPastDesc, 1));
+  R.bind(in[v2::kPastDesc].dims[2], at(v2::kPastDesc, 2)); D.bind(in[v2::kPastDesc].dims[3], at(v2::kPastDesc, 3));
+  for (int i : {v2::kSlotPos, v2::kSlotValid, v2::kSlotRegion, v2::kSlotImage}) {
+    B.bind(in[i].dims[0], at(i, 0)); S.bind(in[i].dims[1], at(i, 1));
+  }
+  B.bind(in[v2::kGaze].dims[0], at(v2::kGaze, 0)); T.bind(in[v2::kGaze].dims[1], at(v2::kGaze, 1));
+  B.bind(in[v2::kDenseSlots].dims[0], at(v2::kDenseSlots, 0)); N.bind(in[v2::kDenseSlots].dims[1], at(v2::kDenseSlots, 1));
+  M.bind(attrs.max_region_tokens, "attribute max_region_tokens");
+  B.bind(in[v2::kRegionSlots].dims[0], at(v2::kRegionSlots, 0)); R.bind(in[v2::kRegionSlots].dims[1], at(v2::kRegionSlots, 1));
+  M.bind(in[v2::kRegionSlots].dims[2], at(v2::kRegionSlots, 2));
+  for (int i : {v2::kRegionCount, v2::kRegionLast}) { B.bind(in[i].dims[0], at(i, 0)); R.bind(in[i].dims[1], at(i, 1)); }
+  one.bind(1, "the contract");
+  one.bind(in[v2::kWriteOffset].dims[0], at(v2::kWriteOffset, 0));
+  if (N.value == 0) invalid("dense_slots must have N >= 1 columns");
+
+  // The rest (heads, head dim, R, attributes) are v1's rules: check them on the v1 view.
+  TensorDesc v1[gaze::kNumInputs];
+  const int from[gaze::kNumInputs] = {v2::kQuery, v2::kKey, v2::kValue, v2::kPastKey, v2::kPastValue, v2::kPastDesc,
+                                      v2::kSlotPos, v2::kSlotRegion, v2::kSlotValid, v2::kGaze, v2::kWriteOffset};
+  for (int i = 0; i < gaze::kNumInputs; ++i) v1[i] = in[from[i]];
+  return infer_outputs(v1, gaze::kNumInputs, attrs);
+}
+
 Problem problem_from_inputs(const TensorDesc* in, int num_inputs, const Attributes& attrs) {
   infer_outputs(in, num_inputs, attrs);
   Problem p;
@@ -318,7 +387,8 @@ WorkspaceLayout workspace_layout(const Problem& p) {
   w.dense_slots = take(B * S * sizeof(int32_t));
   w.n_valid = take(B * sizeof(int32_t));
   w.n_dense = take(B * sizeof(int32_t));
-  const size_t bhq = B * p.kv_heads * w.query_chunk;
+  // Selections per query head: room for routing = query_head (kv_head uses the first Hkv rows).
+  const size_t bhq = B * p.q_heads * w.query_chunk;
   w.sel = take(bhq * p.kmax() * sizeof(int32_t));
   w.n_sel = take(bhq * sizeof(int32_t));
   // Split-KV partials (used only when T <= kDecodeMaxT), sized for the largest split count.

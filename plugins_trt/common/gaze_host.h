@@ -50,10 +50,17 @@ class Error : public std::runtime_error {
   Kind kind_;
 };
 
+// Node v2 attributes `routing` and `context_attention` (docs/ONNX_CONTRACT.md). They are parsed
+// when present and default to 0 (kv_head, causal), the only behaviour of node v1.
+enum Routing : int32_t { kRoutingKvHead = 0, kRoutingQueryHead = 1 };
+enum ContextAttention : int32_t { kContextCausal = 0, kContextOwnImage = 1 };
+
 struct Attributes {
   int32_t top_k = 0;
   int32_t max_region_tokens = 0;
   float scale = 0.f;
+  int32_t routing = kRoutingKvHead;
+  int32_t context_attention = kContextCausal;
 };
 
 // One attribute as TensorRT's ONNX parser hands it over (PluginField): INT -> kI32 (int64
@@ -83,6 +90,15 @@ constexpr int kOutputSource[kNumOutputs] = {kQuery, kPastKey, kPastValue, kPastD
 // Checks ranks, dims and dtypes of the 11 inputs against each other and the attributes
 // (unknown dims, -1, are skipped) and returns the 4 output descriptors.
 std::vector<TensorDesc> infer_outputs(const TensorDesc* inputs, int num_inputs, const Attributes& attrs);
+// Node v2 (docs/ONNX_CONTRACT.md, opset version 2): 16 inputs, the runtime's layout tables among them.
+namespace v2 {
+constexpr int kNumInputs = 16;
+enum Input : int { kQuery = 0, kKey, kValue, kPastKey, kPastValue, kPastDesc, kWriteOffset, kSlotPos, kSlotValid,
+                   kSlotRegion, kSlotImage, kGaze, kDenseSlots, kRegionSlots, kRegionCount, kRegionLast };
+constexpr int kOutputSource[kNumOutputs] = {kQuery, kPastKey, kPastValue, kPastDesc};
+}  // namespace v2
+// The v2 rules: ranks, dims (B, T, S, R, N, M = max_region_tokens) and dtypes of the 16 inputs.
+std::vector<TensorDesc> infer_outputs_v2(const TensorDesc* inputs, int num_inputs, const Attributes& attrs);
 // supportsFormatCombination: may I/O position `pos` (inputs 0..10, outputs 11..14) have
 // `dtype`, given that position 0 (query) has `query_dtype`?
 bool supports_io_dtype(int pos, DType dtype, DType query_dtype);

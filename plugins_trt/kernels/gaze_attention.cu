@@ -94,9 +94,16 @@ __device__ __forceinline__ void merge_lane_groups(SoftmaxState<Shape<T, D>::kVec
   }
 }
 
+// Node v2: slots [0, write_offset + T) hold every written token (clamped to S).
+__device__ __forceinline__ int prefix_len(const Meta& m, const Dims& d) {
+  const int64_t n = *m.write_offset + d.T;
+  return n < 0 ? 0 : n > d.S ? d.S : int(n);
+}
+
 struct QueryInfo {
   bool in_range, is_gaze;
-  int64_t slot, pos;
+  bool own;  // node v2, context_attention own_image: a context query sees only its image's slots
+  int64_t slot, pos, image;
 };
 
 __device__ __forceinline__ QueryInfo query_info(const Meta& m, const Dims& d, int b, int t) {
@@ -104,6 +111,13 @@ __device__ __forceinline__ QueryInfo query_info(const Meta& m, const Dims& d, in
   q.in_range = dev::query_slot(m.write_offset, t, d.S, &q.slot);
   q.is_gaze = q.in_range && m.gaze[size_t(b) * d.T + t] && m.slot_valid[size_t(b) * d.S + q.slot];
   q.pos = q.in_range ? m.slot_pos[size_t(b) * d.S + q.slot] : LLONG_MIN;  // out of range: sees nothing
+  q.own = false;
+  q.image = -1;
+  if (d.own_image && q.in_range && !q.is_gaze) {
+    const size_t at = size_t(b) * d.S + q.slot;
+    q.image = m.slot_image[at];
+    q.own = m.slot_region[at] < 0 && q.image >= 0;
+  }
   return q;
 }
 
@@ -114,9 +128,32 @@ constexpr int kUnroll = 4;
 // Slot of entry i of a query's key list, or false if the entry is masked. Gaze query: the valid
 // dense slots (position <= p) followed by n_sel * mrt entries for its selected regions (entries
 // past a ragged region's count are skipped); dense query: every valid slot with position <= p.
+// Node v2 (idx.v2): the gaze query's dense entries come from the runtime's dense_slots (-1 padding
+// masked) and its regions from region_slots; a dense query's list is the written prefix
+// [0, write_offset + T) in slot order, masked by validity, position and (own_image) image.
 __device__ __forceinline__ bool key_slot(const AttentionArgs& a, const Dims& d, const QueryInfo& q, int b,
                                          size_t bhq, int n_dense, int i, int* slot) {
   const int64_t* pos = a.meta.slot_pos + size_t(b) * d.S;
+  if (a.idx.v2) {
+    if (!q.is_gaze) {
+      const size_t at = size_t(b) * d.S + i;
+      *slot = i;
+      return a.meta.slot_valid[at] && pos[i] <= q.pos && (!q.own || a.meta.slot_image[at] == q.image);
+    }
+    if (i < n_dense) {
+      const int64_t s = a.idx.t_dense[size_t(b) * a.idx.N + i];
+      if (s < 0 || s >= d.S) return false;
+      *slot = int(s);
+      return pos[s] <= q.pos;
+    }
+    const int j = i - n_dense, jr = j / d.mrt, jj = j % d.mrt;
+    const size_t br = size_t(b) * d.R + a.sel[bhq * d.kmax + jr];
+    if (jj >= min(a.idx.count(br), d.mrt)) return false;
+    const int64_t s = a.idx.t_region_slots[br * d.mrt + jj];
+    if (s < 0 || s >= d.S) return false;
+    *slot = int(s);
+    return true;
+  }
   if (!q.is_gaze) {
     *slot = a.idx.valid_slots[size_t(b) * d.S + i];
     return pos[*slot] <= q.pos;
@@ -141,21 +178,28 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(AttentionArgs
   __shared__ float red_acc[kDecodeWarps][kMaxGroup][D];
   __shared__ float red_m[kDecodeWarps][kMaxGroup], red_l[kDecodeWarps][kMaxGroup];
 
-  const int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z / a.qc, qi = blockIdx.z % a.qc;
+  // blockIdx.y: selection head hs (see select_kernel): kv_head routing serves the G query heads of
+  // KV head hs with one key list; query_head routing serves query head hs alone (its own regions).
+  const int split = blockIdx.x, hs = blockIdx.y, b = blockIdx.z / a.qc, qi = blockIdx.z % a.qc;
+  const int h = d.per_head ? hs / d.G : hs;
+  const int g0 = d.per_head ? hs % d.G : 0, ng = d.per_head ? 1 : d.G;
   const int t = a.t0 + qi;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const QueryInfo q = query_info(a.meta, d, b, t);
   if (!q.is_gaze && !a.handle_dense) return;  // block-uniform: the prefill kernel owns this query
 
   const T* query = static_cast<const T*>(a.query);
-  for (int e = tid; e < d.G * D; e += blockDim.x) {
+  for (int e = tid; e < ng * D; e += blockDim.x) {
     const int g = e / D, dd = e % D;
-    q_s[e] = dev::to_float(query[((size_t(b) * d.Hq + h * d.G + g) * d.T + t) * D + dd]);
+    q_s[e] = dev::to_float(query[((size_t(b) * d.Hq + h * d.G + g0 + g) * d.T + t) * D + dd]);
   }
-  const size_t bhq = (size_t(b) * d.Hkv + h) * a.qc + qi;
-  const int n_dense = a.idx.n_dense[b];
+  const size_t bhq = (size_t(b) * d.Hsel + hs) * a.qc + qi;
+  const int n_dense = a.idx.v2 ? a.idx.N : a.idx.n_dense[b];
   int length = 0;
-  if (q.in_range) length = q.is_gaze ? n_dense + a.n_sel[bhq] * d.mrt : a.idx.n_valid[b];
+  if (q.in_range) {
+    const int n_all = a.idx.v2 ? prefix_len(a.meta, d) : a.idx.n_valid[b];
+    length = q.is_gaze ? n_dense + a.n_sel[bhq] * d.mrt : n_all;
+  }
   const int chunk = (length + a.splits - 1) / a.splits;
   const int begin = min(length, split * chunk), end = min(length, begin + chunk);
   __syncthreads();
@@ -184,13 +228,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(AttentionArgs
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) attend_raw<T, D>(st, q_s, d.G, kraw[u], vraw[u], has[u], lig, a.scale);
+    for (int u = 0; u < kUnroll; ++u) attend_raw<T, D>(st, q_s, ng, kraw[u], vraw[u], has[u], lig, a.scale);
   }
-  merge_lane_groups<T, D>(st, d.G);
+  merge_lane_groups<T, D>(st, ng);
   if (grp == 0) {
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {  // constant indices keep the state in registers
-      if (g >= d.G) break;
+      if (g >= ng) break;
       if (lig == 0) {
         red_m[warp][g] = st.m[g];
         red_l[warp][g] = st.l[g];
@@ -200,7 +244,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(AttentionArgs
     }
   }
   __syncthreads();
-  for (int e = tid; e < d.G * D; e += blockDim.x) {
+  for (int e = tid; e < ng * D; e += blockDim.x) {
     const int g = e / D, dd = e % D;
     float mx = -INFINITY;
 #pragma unroll
@@ -212,7 +256,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(AttentionArgs
       l += red_l[w][g] * c;
       acc += red_acc[w][g][dd] * c;
     }
-    const int hq = h * d.G + g;
+    const int hq = h * d.G + g0 + g;
     if (a.splits == 1) {
       static_cast<T*>(a.out)[((size_t(b) * d.Hq + hq) * d.T + t) * D + dd] =
           dev::from_float<T>(l > 0.f ? acc / l : 0.f);
@@ -260,6 +304,7 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(AttentionAr
   __shared__ __align__(16) T k_s[kTile * D];
   __shared__ __align__(16) T v_s[kTile * D];
   __shared__ int64_t pos_s[kTile];
+  __shared__ int64_t img_s[kTile];
 
   const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -280,7 +325,8 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(AttentionAr
   const T* kc = static_cast<const T*>(a.key_cache);
   const T* vc = static_cast<const T*>(a.value_cache);
   const size_t head_base = (size_t(b) * d.Hkv + h) * d.S;
-  const int n = a.idx.n_valid[b];
+  // v2: the written prefix [0, write_offset + T) in slot order (invalid slots masked); v1: valid slots.
+  const int n = a.idx.v2 ? prefix_len(a.meta, d) : a.idx.n_valid[b];
   const int grp = lane / Sh::kLanes, lig = lane % Sh::kLanes;
   SoftmaxState<kVec> st;
   st.init();
@@ -289,13 +335,18 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(AttentionAr
     for (int e = tid; e < kTile * kChunks; e += blockDim.x) {
       const int j = e / kChunks, c = e % kChunks, key = base + j;
       if (key < n) {
-        const int slot = a.idx.valid_slots[size_t(b) * d.S + key];
+        const int slot = a.idx.v2 ? key : a.idx.valid_slots[size_t(b) * d.S + key];
         const size_t row = (head_base + slot) * D + c * kVec;
         dev::copy16(k_s + j * D + c * kVec, kc + row);
         dev::copy16(v_s + j * D + c * kVec, vc + row);
-        if (c == 0) pos_s[j] = a.meta.slot_pos[size_t(b) * d.S + slot];
+        if (c == 0) {
+          const size_t at = size_t(b) * d.S + slot;
+          pos_s[j] = a.meta.slot_valid[at] ? a.meta.slot_pos[at] : LLONG_MAX;  // v1 lists only valid slots
+          img_s[j] = d.own_image ? a.meta.slot_image[at] : -1;
+        }
       } else if (c == 0) {
         pos_s[j] = LLONG_MAX;  // past the list: masked for every query
+        img_s[j] = -1;
       }
     }
     __syncthreads();
@@ -303,7 +354,8 @@ __global__ void __launch_bounds__(kPrefillWarps * 32) prefill_kernel(AttentionAr
       for (int jj = 0; jj < kTile; jj += Sh::kKeysPerWarp) {
         const int j = jj + grp;
         attend_raw<T, D>(st, q_s[warp], d.G, dev::load_raw16(k_s + j * D + lig * kVec),
-                         dev::load_raw16(v_s + j * D + lig * kVec), pos_s[j] <= q.pos, lig, a.scale);
+                         dev::load_raw16(v_s + j * D + lig * kVec),
+                         pos_s[j] <= q.pos && (!q.own || img_s[j] == q.image), lig, a.scale);
       }
     }
   }
@@ -326,7 +378,7 @@ void decode_attention(DType dtype, const Dims& d, const AttentionArgs& a, cudaSt
   dispatch(dtype, d.D, [&](auto tag, auto dim) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int kD = decltype(dim)::value;
-    GAZE_LAUNCH(dim3(a.splits, d.Hkv, d.B * a.qc), kDecodeWarps * 32, 0, st, decode_kernel<T, kD>)(a, d);
+    GAZE_LAUNCH(dim3(a.splits, d.Hsel, d.B * a.qc), kDecodeWarps * 32, 0, st, decode_kernel<T, kD>)(a, d);
   });
 }
 

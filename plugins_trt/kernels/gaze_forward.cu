@@ -39,12 +39,24 @@ cudaError_t forward(const Problem& p, const Attributes& attrs, const Tensors& x,
   require(x.slot_valid, "slot_valid");
   require(x.gaze, "gaze");
   require(x.write_offset, "write_offset");
+  const bool v2 = x.dense_slots != nullptr;
+  if (v2) {
+    require(x.region_slots, "region_slots");
+    require(x.region_count, "region_count");
+    require(x.region_last, "region_last");
+    if (x.dense_len < 1) throw Error(Error::kInvalid, "dense_slots must have N >= 1 columns");
+    if (x.present_key != x.past_key || x.present_value != x.past_value || x.present_desc != x.past_desc)
+      throw Error(Error::kInvalid,
+                  "GazeAttention v2 runs in place only: present_key/value/desc must be the past buffers "
+                  "(a separate present would need a full-cache copy per layer and call)");
+  }
+  if (attrs.context_attention == kContextOwnImage) require(x.slot_image, "slot_image");
 
   const size_t elem = p.dtype == DType::kF32 ? 4 : 2;
   const size_t cache_bytes = size_t(p.batch) * p.kv_heads * p.cache_len * p.head_dim * elem;
   const size_t desc_bytes = size_t(p.batch) * p.kv_heads * p.num_regions * p.head_dim * sizeof(float);
   cudaError_t err;
-  // Not aliased (e.g. a runtime that keeps past and present apart): present starts as a copy.
+  // Node v1 only (v2 refuses this above). Not aliased: present starts as a full copy of past.
   if (x.present_key != x.past_key &&
       (err = cudaMemcpyAsync(x.present_key, x.past_key, cache_bytes, cudaMemcpyDeviceToDevice, stream)))
     return err;
@@ -78,13 +90,24 @@ cudaError_t forward(const Problem& p, const Attributes& attrs, const Tensors& x,
   d.D = int32_t(p.head_dim);
   d.mrt = p.max_region_tokens;
   d.kmax = int32_t(p.kmax());
-  launch::Meta meta{x.slot_pos, x.slot_region, x.slot_valid, x.gaze, x.write_offset};
+  d.per_head = attrs.routing == kRoutingQueryHead ? 1 : 0;
+  d.own_image = attrs.context_attention == kContextOwnImage ? 1 : 0;
+  d.Hsel = d.per_head ? d.Hq : d.Hkv;
+  launch::Meta meta{x.slot_pos, x.slot_region, x.slot_valid, x.gaze, x.write_offset, x.slot_image};
+  if (v2) {
+    idx.t_dense = x.dense_slots;
+    idx.t_region_slots = x.region_slots;
+    idx.t_region_count = x.region_count;
+    idx.t_region_last = x.region_last;
+    idx.N = int32_t(x.dense_len);
+    idx.v2 = 1;
+  }
 
   const int32_t stages = debug ? debug->stage_mask : 7;
   if (stages & 1) {
     launch::kv_write(p.dtype, d, x.key, x.value, x.present_key, x.present_value, x.present_desc, meta,
                      idx.error_flags, stream);
-    launch::build_slot_index(d, meta, idx, stream);
+    if (!v2) launch::build_slot_index(d, meta, idx, stream);
   }
 
   launch::AttentionArgs att{};
@@ -124,16 +147,16 @@ cudaError_t forward(const Problem& p, const Attributes& attrs, const Tensors& x,
       launch::decode_attention(p.dtype, d, att, stream);
       if (att.splits > 1) launch::merge_splits(p.dtype, d, att, stream);
     }
-    if (debug && debug->selected) {  // [B*Hkv rows] x [qc*kmax] -> [B*Hkv rows] x [T*kmax] at column t0*kmax
+    if (debug && debug->selected) {  // [B*Hsel rows] x [qc*kmax] -> [B*Hkv rows] x [T*kmax] at column t0*kmax
       const size_t row = size_t(qc) * d.kmax * sizeof(int32_t);
       if (row && (err = cudaMemcpy2DAsync(debug->selected + size_t(t0) * d.kmax, size_t(d.T) * d.kmax * 4,
-                                          sel.sel, row, row, size_t(d.B) * d.Hkv, cudaMemcpyDeviceToDevice,
+                                          sel.sel, row, row, size_t(d.B) * d.Hsel, cudaMemcpyDeviceToDevice,
                                           stream)))
         return err;
     }
     if (debug && debug->num_selected &&
         (err = cudaMemcpy2DAsync(debug->num_selected + t0, size_t(d.T) * 4, sel.n_sel, size_t(qc) * 4,
-                                 size_t(qc) * 4, size_t(d.B) * d.Hkv, cudaMemcpyDeviceToDevice, stream)))
+                                 size_t(qc) * 4, size_t(d.B) * d.Hsel, cudaMemcpyDeviceToDevice, stream)))
       return err;
   }
   return cudaGetLastError();

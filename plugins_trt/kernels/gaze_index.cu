@@ -12,11 +12,11 @@ namespace {
 constexpr int kIndexThreads = 256;
 constexpr int kIndexWarps = kIndexThreads / 32;
 
-// Grid (T, Hkv, B), one thread per 16-byte chunk of a row. Descriptor sums use fp32
-// atomics: several new tokens of one region may arrive in one call.
+// Grid (T, Hkv, B), one thread per 16-byte chunk of a row: the KV write. The descriptor sums
+// are desc_sum_kernel's (deterministic, no atomics).
 template <typename T, int D>
 __global__ void kv_write_kernel(const T* __restrict__ key, const T* __restrict__ value, T* key_cache,
-                                T* value_cache, float* desc, Meta m, Dims d, int32_t* error_flags) {
+                                T* value_cache, Meta m, Dims d, int32_t* error_flags) {
   constexpr int kVec = dev::Vec<T>::kN;
   const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, c = threadIdx.x;
   int64_t slot;
@@ -28,15 +28,59 @@ __global__ void kv_write_kernel(const T* __restrict__ key, const T* __restrict__
   const size_t dst = ((size_t(b) * d.Hkv + h) * d.S + slot) * D + size_t(c) * kVec;
   dev::copy16(key_cache + dst, key + src);
   dev::copy16(value_cache + dst, value + src);
-  const size_t meta = size_t(b) * d.S + slot;
-  const int64_t r = m.slot_region[meta];
-  if (m.slot_valid[meta] && r >= 0 && r < d.R) {
-    float k[kVec];
-    dev::load16(key + src, k);
-    float* row = desc + ((size_t(b) * d.Hkv + h) * d.R + r) * D + size_t(c) * kVec;
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) atomicAdd(row + i, k[i]);
+}
+
+// Region of new token u for the descriptor update: slot_region if the slot is in range and
+// valid and the region id < R, else -1 (kv_write flags a bad write_offset; the slot index or the
+// runtime's tables a bad region id).
+__device__ __forceinline__ int32_t new_token_region(const Meta& m, const Dims& d, int b, int u) {
+  int64_t slot;
+  if (!dev::query_slot(m.write_offset, u, d.S, &slot)) return -1;
+  const size_t at = size_t(b) * d.S + slot;
+  const int64_t r = m.slot_region[at];
+  return m.slot_valid[at] && r >= 0 && r < d.R ? int32_t(r) : -1;
+}
+
+constexpr int kDescTile = 256;
+
+// Grid (T, Hkv, B), one thread per 16-byte chunk of a row. Deterministic descriptor sums: the
+// block of new token t is the leader of its region when no earlier new token of the call has
+// that region; the leader sums the call's tokens of the region in slot order (fp32) and adds
+// the total to the running sum once. One writer per (b, h, region): no atomics, and the same
+// inputs give the same bits whatever the scheduling (prefill ties need that).
+template <typename T, int D>
+__global__ void desc_sum_kernel(const T* __restrict__ key, float* desc, Meta m, Dims d) {
+  constexpr int kVec = dev::Vec<T>::kN;
+  __shared__ int32_t region_s[kDescTile];
+  const int t = blockIdx.x, h = blockIdx.y, b = blockIdx.z, c = threadIdx.x, nt = blockDim.x;
+  const int32_t r = new_token_region(m, d, b, t);  // block-uniform
+  if (r < 0) return;
+  bool leader = true;  // identical in every thread (read from the same shared tile)
+  for (int base = 0; base < t && leader; base += kDescTile) {
+    __syncthreads();  // the previous tile is consumed
+    for (int u = c; u < kDescTile; u += nt) region_s[u] = base + u < t ? new_token_region(m, d, b, base + u) : -1;
+    __syncthreads();
+    for (int u = 0; u < kDescTile; ++u) {
+      if (region_s[u] == r) {
+        leader = false;
+        break;
+      }
+    }
   }
+  if (!leader) return;
+  float acc[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) acc[i] = 0.f;
+  for (int u = t; u < d.T; ++u) {
+    if (new_token_region(m, d, b, u) != r) continue;
+    float k[kVec];
+    dev::load16(key + ((size_t(b) * d.Hkv + h) * d.T + u) * D + size_t(c) * kVec, k);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) acc[i] += k[i];
+  }
+  float* row = desc + ((size_t(b) * d.Hkv + h) * d.R + r) * D + size_t(c) * kVec;
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) row[i] += acc[i];
 }
 
 __global__ void region_init_kernel(int32_t* count, int64_t* last, int total) {
@@ -140,7 +184,8 @@ void kv_write(DType dtype, const Dims& d, const void* key, const void* value, vo
     const dim3 grid(d.T, d.Hkv, d.B);
     GAZE_LAUNCH(grid, kD / dev::Vec<T>::kN, 0, st, kv_write_kernel<T, kD>)(
         static_cast<const T*>(key), static_cast<const T*>(value), static_cast<T*>(key_cache),
-        static_cast<T*>(value_cache), desc, m, d, error_flags);
+        static_cast<T*>(value_cache), m, d, error_flags);
+    GAZE_LAUNCH(grid, kD / dev::Vec<T>::kN, 0, st, desc_sum_kernel<T, kD>)(static_cast<const T*>(key), desc, m, d);
   });
 }
 

@@ -1,6 +1,13 @@
 // Launch API of the gaze attention CUDA kernels. Knows nothing of TensorRT.
 //
-// One call, `forward`, runs the whole node (docs/ONNX_CONTRACT.md) on a stream:
+// One call, `forward`, runs the whole node (docs/ONNX_CONTRACT.md) on a stream.
+// Node v2 (Tensors::dense_slots set): the layout tables are inputs shared by all layers and
+// step 3 is skipped; present must alias past (a v2 call with separate buffers is refused: the
+// runtime binds one buffer, and a full-cache copy per layer would cost more than the attention).
+// A dense query attends over the written prefix [0, write_offset + T) with validity, position and
+// (context_attention = own_image) image masks; a gaze query over dense_slots + its selected
+// regions' region_slots; routing = query_head selects per query head ([B, Hq, T, k]).
+// Node v1 (tables null), kept for the v1 tests and benchmarks:
 //   1. copy past -> present when they are different buffers (in place otherwise);
 //   2. KV write at write_offset + fp32 descriptor sums (kv_write_kernel);
 //   3. slot index in the workspace: per batch entry the ordered lists of valid slots and of
@@ -36,10 +43,19 @@ struct Tensors {
   void* present_key;           // may equal past_key (in place)
   void* present_value;         // may equal past_value
   float* present_desc;         // may equal past_desc
+  // Node v2: the runtime's layout tables (docs/ONNX_CONTRACT.md, inputs 10 and 12..15). With
+  // dense_slots set the call runs on them (see forward); null: node v1 (slot index built per call).
+  const int64_t* slot_image = nullptr;     // [B, S] (needed by context_attention = own_image)
+  const int64_t* dense_slots = nullptr;    // [B, N], -1 padding, any order
+  const int64_t* region_slots = nullptr;   // [B, R, max_region_tokens], -1 padding
+  const int64_t* region_count = nullptr;   // [B, R]
+  const int64_t* region_last = nullptr;    // [B, R]
+  int64_t dense_len = 0;                   // N >= 1
 };
 
-// Optional outputs for tests: selected region ids [B, Hkv, T, kmax] (-1 past n_sel) and
-// counts [B, Hkv, T] (0 for dense queries). Null pointers: not written.
+// Optional outputs for tests: selected region ids [B, Hsel, T, kmax] (-1 past n_sel) and
+// counts [B, Hsel, T] (0 for dense queries), Hsel = Hkv (routing kv_head) or Hq (query_head).
+// Null pointers: not written.
 struct DebugOutputs {
   int32_t* selected = nullptr;
   int32_t* num_selected = nullptr;

@@ -13,6 +13,9 @@ namespace launch {
 // Sizes shared by every kernel of one call.
 struct Dims {
   int32_t B, T, S, R, Hq, Hkv, G, D, mrt, kmax;
+  // Node v2 attributes: per_head = routing query_head (one selection per query head, Hsel = Hq;
+  // kv_head: Hsel = Hkv); own_image = context_attention own_image.
+  int32_t per_head = 0, own_image = 0, Hsel = 0;
 };
 
 // The workspace slot index (see gaze_kernels.h, step 3).
@@ -25,6 +28,21 @@ struct SlotIndex {
   int32_t* dense_slots;    // [B, S] ascending valid dense (region -1) slot ids, first n_dense[b]
   int32_t* n_valid;        // [B]
   int32_t* n_dense;        // [B]
+  // Node v2: the runtime's layout tables (docs/ONNX_CONTRACT.md), shared by all layers; v2 != 0
+  // selects them and nothing above is built (no per-call pass over S): the dense list of a gaze
+  // query is t_dense (any order, -1 padding), regions are t_region_*; a dense query's keys are the
+  // written prefix [0, write_offset + T), masked by validity, position and (own_image) image.
+  const int64_t* t_dense = nullptr;         // [B, N]
+  const int64_t* t_region_slots = nullptr;  // [B, R, mrt]
+  const int64_t* t_region_count = nullptr;  // [B, R]
+  const int64_t* t_region_last = nullptr;   // [B, R]
+  int32_t N = 0;
+  int32_t v2 = 0;
+
+  __device__ __forceinline__ int count(size_t br) const {
+    return v2 ? int(t_region_count[br]) : region_count[br];
+  }
+  __device__ __forceinline__ int64_t last(size_t br) const { return v2 ? t_region_last[br] : region_last[br]; }
 };
 
 struct Meta {
@@ -33,6 +51,7 @@ struct Meta {
   const uint8_t* slot_valid;
   const uint8_t* gaze;
   const int64_t* write_offset;
+  const int64_t* slot_image = nullptr;  // [B, S], node v2 (own_image context queries)
 };
 
 void kv_write(DType dtype, const Dims& d, const void* key, const void* value, void* key_cache, void* value_cache,

@@ -37,10 +37,14 @@ __global__ void __launch_bounds__(select_threads<NS>()) select_kernel(SelectArgs
   __shared__ uint64_t keys[NS];
   __shared__ int n_eligible;
 
-  const int qi = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  // blockIdx.y: the selection head hs. kv_head routing: hs is the KV head and the score is the max
+  // over its G query heads; query_head: hs is a query head, its KV head hs / G, one head scored.
+  const int qi = blockIdx.x, hs = blockIdx.y, b = blockIdx.z;
+  const int h = d.per_head ? hs / d.G : hs;
+  const int g0 = d.per_head ? hs % d.G : 0, ng = d.per_head ? 1 : d.G;
   const int t = a.t0 + qi;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const size_t bhq = (size_t(b) * d.Hkv + h) * a.qc + qi;
+  const size_t bhq = (size_t(b) * d.Hsel + hs) * a.qc + qi;
   int64_t slot;
   const bool in_range = dev::query_slot(a.meta.write_offset, t, d.S, &slot);
   const bool is_gaze = in_range && a.meta.gaze[size_t(b) * d.T + t] && a.meta.slot_valid[size_t(b) * d.S + slot];
@@ -50,9 +54,9 @@ __global__ void __launch_bounds__(select_threads<NS>()) select_kernel(SelectArgs
   }
   const int64_t p = a.meta.slot_pos[size_t(b) * d.S + slot];
   const T* query = static_cast<const T*>(a.query);
-  for (int e = tid; e < d.G * D; e += kThreads) {
+  for (int e = tid; e < ng * D; e += kThreads) {
     const int g = e / D, dd = e % D;
-    q_s[e] = dev::to_float(query[((size_t(b) * d.Hq + h * d.G + g) * d.T + t) * D + dd]);
+    q_s[e] = dev::to_float(query[((size_t(b) * d.Hq + h * d.G + g0 + g) * d.T + t) * D + dd]);
   }
   for (int r = tid; r < NS; r += kThreads) keys[r] = kNotEligible;
   if (tid == 0) n_eligible = 0;
@@ -60,14 +64,14 @@ __global__ void __launch_bounds__(select_threads<NS>()) select_kernel(SelectArgs
 
   for (int r = warp; r < d.R; r += kWarps) {
     const size_t br = size_t(b) * d.R + r;
-    const int count = a.idx.region_count[br];
-    if (!(count > 0 && a.idx.region_last[br] < p)) continue;  // warp-uniform
+    const int count = a.idx.count(br);
+    if (!(count > 0 && a.idx.last(br) < p)) continue;  // warp-uniform
     const float* row = a.desc + ((size_t(b) * d.Hkv + h) * d.R + r) * D + lane * kPerLane;
     float dv[kPerLane];
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) dv[i] = row[i];
     float best = -INFINITY;
-    for (int g = 0; g < d.G; ++g) {
+    for (int g = 0; g < ng; ++g) {
       float part = 0.f;
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) part += q_s[g * D + lane * kPerLane + i] * dv[i];
@@ -110,7 +114,7 @@ void select_regions(DType dtype, const Dims& d, const SelectArgs& a, cudaStream_
   dispatch(dtype, d.D, [&](auto tag, auto dim) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int kD = decltype(dim)::value;
-    const dim3 grid(a.qc, d.Hkv, d.B);
+    const dim3 grid(a.qc, d.Hsel, d.B);
     if (d.R <= 256) {
       GAZE_LAUNCH(grid, select_threads<256>(), 0, st, select_kernel<T, kD, 256>)(a, d);
     } else if (d.R <= 1024) {

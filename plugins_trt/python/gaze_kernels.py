@@ -37,7 +37,8 @@ class _Field(ctypes.Structure):
 
 
 class Attrs(ctypes.Structure):
-    _fields_ = [("top_k", ctypes.c_int32), ("max_region_tokens", ctypes.c_int32), ("scale", ctypes.c_float)]
+    _fields_ = [("top_k", ctypes.c_int32), ("max_region_tokens", ctypes.c_int32), ("scale", ctypes.c_float),
+                ("routing", ctypes.c_int32), ("context_attention", ctypes.c_int32)]  # node v2: 0/1 each
 
 
 class TensorDesc(ctypes.Structure):
@@ -65,6 +66,18 @@ class Tensors(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in (
         "query", "key", "value", "past_key", "past_value", "past_desc", "slot_pos", "slot_region", "slot_valid",
         "gaze", "write_offset", "output", "present_key", "present_value", "present_desc")]
+
+
+class TensorsV2(ctypes.Structure):
+    """Node v2 (gaze_tensors_v2_t): the v1 pointers plus the runtime's layout tables."""
+
+    _fields_ = [("base", Tensors)] + [(n, ctypes.c_void_p) for n in (
+        "slot_image", "dense_slots", "region_slots", "region_count", "region_last")] + \
+        [("dense_len", ctypes.c_int64)]
+
+
+ROUTING = {"kv_head": 0, "query_head": 1}
+CONTEXT_ATTENTION = {"causal": 0, "own_image": 1}
 
 
 @dataclass
@@ -223,6 +236,7 @@ class GazeKernels:
             "gaze_attribute_name": (ctypes.c_char_p, [i32]),
             "gaze_parse_attributes": (i32, [p(_Field), i32, p(Attrs)]),
             "gaze_infer_outputs": (i32, [p(TensorDesc), i32, p(Attrs), p(TensorDesc), i32]),
+            "gaze_infer_outputs_v2": (i32, [p(TensorDesc), i32, p(Attrs), p(TensorDesc), i32]),
             "gaze_supports_io_dtype": (i32, [i32, i32, i32]),
             "gaze_problem_from_inputs": (i32, [p(TensorDesc), i32, p(Attrs), p(Problem)]),
             "gaze_workspace_size": (i32, [p(Problem), p(ctypes.c_uint64)]),
@@ -234,6 +248,8 @@ class GazeKernels:
             "gaze_cuda_device_count": (i32, [p(i32)]),
             "gaze_forward": (i32, [p(Problem), p(Attrs), p(Tensors), ctypes.c_void_p, ctypes.c_uint64,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
+            "gaze_forward_v2": (i32, [p(Problem), p(Attrs), p(TensorsV2), ctypes.c_void_p, ctypes.c_uint64,
+                                      ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, i32]),
             "gaze_forward_stages": (i32, [p(Problem), p(Attrs), p(Tensors), ctypes.c_void_p, ctypes.c_uint64,
                                           ctypes.c_void_p, i32]),
             "gaze_device_errors": (i32, [p(Problem), ctypes.c_void_p, ctypes.c_void_p, p(i32)]),
@@ -284,6 +300,13 @@ class GazeKernels:
         self._check(self.lib.gaze_infer_outputs(arr, len(inputs), ctypes.byref(attrs), out, 4))
         return [(o.dtype, o.shape()) for o in out]
 
+    def infer_outputs_v2(self, inputs: list[tuple[int, tuple[int, ...]]], attrs: Attrs) -> list[tuple[int, tuple]]:
+        """Node v2 shape rules (16 inputs in the v2 order)."""
+        arr = (TensorDesc * max(1, len(inputs)))(*[TensorDesc.of(d, s) for d, s in inputs])
+        out = (TensorDesc * 4)()
+        self._check(self.lib.gaze_infer_outputs_v2(arr, len(inputs), ctypes.byref(attrs), out, 4))
+        return [(o.dtype, o.shape()) for o in out]
+
     def supports_io_dtype(self, pos: int, dtype: int, query_dtype: int) -> bool:
         return bool(self.lib.gaze_supports_io_dtype(pos, dtype, query_dtype))
 
@@ -327,6 +350,12 @@ class GazeKernels:
         self._check(self.lib.gaze_forward(ctypes.byref(problem), ctypes.byref(attrs), ctypes.byref(tensors),
                                           workspace, workspace_bytes, stream or None, selected or None,
                                           num_selected or None))
+
+    def forward_v2(self, problem: Problem, attrs: Attrs, tensors: TensorsV2, workspace: int, workspace_bytes: int,
+                   stream: int = 0, selected: int = 0, num_selected: int = 0, stage_mask: int = 7) -> None:
+        self._check(self.lib.gaze_forward_v2(ctypes.byref(problem), ctypes.byref(attrs), ctypes.byref(tensors),
+                                             workspace, workspace_bytes, stream or None, selected or None,
+                                             num_selected or None, stage_mask))
 
     def forward_stages(self, problem: Problem, attrs: Attrs, tensors: Tensors, workspace: int,
                        workspace_bytes: int, stream: int, stage_mask: int) -> None:
