@@ -288,14 +288,19 @@ def _build_engine(trt: ModuleType, builder: Any, network: Any, profiles: list[di
     replace_file(out, bytes(serialized))  # temp file, fsync, rename: no .tmp or half engine left on SIGTERM
 
 
-def check_plugin_contract(config: dict[str, Any], export: Path) -> None:
-    """The export's GazeAttention nodes must be the version the plugin library implements (PLUGIN_VERSION)."""
+def export_plugin_version(config: dict[str, Any]) -> str:
+    """The GazeAttention plugin version a gaze_config.json's nodes ask for ("" when it does not say)."""
     gaze = config.get("gaze")
     node = gaze.get("node") if isinstance(gaze, dict) else None
-    wanted = str(node.get("plugin_version", "")) if isinstance(node, dict) else ""
+    return str(node.get("plugin_version", "")) if isinstance(node, dict) else ""
+
+
+def check_plugin_contract(config: dict[str, Any], export: Path) -> None:
+    """The export's GazeAttention nodes must be the version the plugin library implements (PLUGIN_VERSION)."""
+    wanted = export_plugin_version(config)
     if wanted != PLUGIN_VERSION:
         raise EngineBuildError(f"{export} uses GazeAttention plugin version {wanted or '?'}; libgaze_trt_plugin.so "
-                               f"implements version {PLUGIN_VERSION} (the v2 kernels and plugin are not done yet), "
+                               f"implements version {PLUGIN_VERSION} (the version-2 plugin is not done yet), "
                                "so TensorRT could not map its nodes: no engine can be built from this export")
 
 

@@ -152,10 +152,6 @@ class SlotState:
         self.dense_slots[b, n : n + m] = dense
         self.dense_count[b] = n + m
 
-    def region_counts(self, num_regions: int) -> np.ndarray:
-        """Valid slots per region [B, R] (a descriptor is its sum divided by this)."""
-        return self.region_count[:, :num_regions]
-
     def tables(self) -> dict[str, np.ndarray]:
         """The node's layout inputs by decoder input name (docs/ONNX_CONTRACT.md)."""
         return {"slot_pos": self.pos, "slot_valid": self.valid, "slot_region": self.region, "slot_image": self.image,

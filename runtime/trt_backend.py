@@ -42,7 +42,14 @@ import numpy as np
 
 from gaze_edge.errors import InputError
 from gaze_edge.export import engine_manifest
-from gaze_edge.export.trt_build import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, SUPPORTED, parse_version
+from gaze_edge.export.trt_build import (
+    PLUGIN_NAME,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    SUPPORTED,
+    export_plugin_version,
+    parse_version,
+)
 
 from .backend import Backend, BackendError
 from .cache import CacheSpec, SlotState
@@ -188,10 +195,10 @@ SLOT_METADATA_BYTES = 8 + 8 + 1
 
 def check_plugin_contract(config: dict[str, Any], where: Path) -> None:
     """Refuse an export whose GazeAttention plugin version is not the one plugins_trt and this backend implement."""
-    wanted = str(config.get("gaze", {}).get("node", {}).get("plugin_version", ""))
+    wanted = export_plugin_version(config)
     if wanted != PLUGIN_VERSION:
         raise BackendError(f"{where} uses GazeAttention plugin version {wanted or '?'}; the TensorRT plugin and this "
-                           f"backend implement version {PLUGIN_VERSION} (the v2 kernels and plugin are not done yet): "
+                           f"backend implement version {PLUGIN_VERSION} (the version-2 plugin is not done yet): "
                            "run it with the ONNX Runtime backend (--backend onnxruntime)")
 
 

@@ -31,7 +31,7 @@ import pytest
 
 from gaze_edge.reference import gaze_attention_reference
 from tests.gaze_cases import GazeCase, fresh_seed, make_case
-from tests.test_plugin_build import REPO, gk, kernel_library
+from tests.test_plugin_build import REPO, gk, kernel_library, load_plugin_module
 
 TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 SEEDS = [int(s) for s in os.environ.get("GAZE_HARNESS_SEEDS", "0,1,2").split(",") if s.strip()]
@@ -40,20 +40,7 @@ BACKENDS = ([pytest.param("gpu", marks=pytest.mark.gpu)] if "gpu" in _WHICH else
     ([f"cpu-seed{s}" for s in SEEDS] if "cpu" in _WHICH else [])
 
 
-def _load_backends():  # noqa: ANN202 - a module loaded by path, like the binding
-    import importlib.util
-    import sys
-
-    path = REPO / "plugins_trt" / "python" / "gaze_backends.py"
-    spec = importlib.util.spec_from_file_location("gaze_backends", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gaze_backends", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-gb = _load_backends()
+gb = load_plugin_module("gaze_backends")
 
 
 @functools.lru_cache(maxsize=1)

@@ -25,17 +25,18 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_ARCHS = (87, 90)
 
 
-def _binding() -> ModuleType:
-    path = REPO / "plugins_trt" / "python" / "gaze_kernels.py"
-    spec = importlib.util.spec_from_file_location("gaze_kernels", path)
+def load_plugin_module(name: str) -> ModuleType:
+    """plugins_trt/python/NAME.py, loaded by path (it is a tool of the repo, not part of the package)."""
+    path = REPO / "plugins_trt" / "python" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("gaze_kernels", module)
+    sys.modules.setdefault(name, module)
     spec.loader.exec_module(module)
     return module
 
 
-gk = _binding()
+gk = load_plugin_module("gaze_kernels")
 
 
 @functools.lru_cache(maxsize=1)
