@@ -13,6 +13,11 @@ versions (needs the `onnx` package, or export with --trt-compat); from 10.7 the 
 and from 10.15 because the node carries plugin_namespace, with the parser flag
 ENABLE_PLUGIN_OVERRIDE also set where the TensorRT Python API has it.
 
+TensorRT 10.3 .. 11.x (export/trt_policy.py holds the rules): networks are strongly typed (an fp32 export
+stays fp32, an fp16 one fp16; no BuilderFlag.FP16, which TensorRT 11 removed), the builder config enables
+PreviewFeature.ALIASED_PLUGIN_IO_10_03 (else the plugin's in-place KV cache would silently become a copy),
+and a failed dlopen of the plugin (load_library returns None) is reported by path.
+
 Every option is checked while parsing (gaze_edge/cli_args.py, docs/CLI.md), gaze_config.json
 is read like every other JSON file (gaze_edge/jsonfile.py), and each engine, the timing cache
 and the manifest are replaced atomically (gaze_edge/atomic.py: temp file, fsync, rename), so
@@ -26,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -37,12 +43,16 @@ from gaze_edge.atomic import replace_file
 from gaze_edge.errors import GazeError
 from gaze_edge.jsonfile import read_json_object
 
-from . import engine_manifest
+from . import engine_manifest, trt_policy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PLUGIN = REPO_ROOT / "build" / "plugins_trt" / "libgaze_trt_plugin.so"
-PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "GazeAttention", "1", "gaze"
-SUPPORTED = ((10, 3), (10, 99))  # TensorRT 10.x (JetPack 6.2: 10.3 ... JetPack 7.2: 10.16)
+PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "GazeAttention", "2", "gaze"  # what libgaze_trt_plugin.so registers
+#: The node version the build profiles and the TensorRT backend's bindings follow (v1 inputs). The plugin library
+#: implements v2 (issue #12), but these profiles and bindings do not feed v2's layout tables yet, so a v2 export is
+#: refused before anything is built.
+GLUE_NODE_VERSION = "1"
+SUPPORTED = (trt_policy.MIN_VERSION, (trt_policy.MAX_MAJOR, 99))  # TensorRT 10.3 .. 11.x (trt_policy)
 BUILD_HINT = "cmake -S plugins_trt -B build/plugins_trt && cmake --build build/plugins_trt -j2"
 
 
@@ -68,7 +78,8 @@ def add_build_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="largest prefill chunk (tokens per call, 1 .. 2^20)")
     p.add_argument("--workspace-mib", type=ca.int_in(1, 1 << 24), default=1024,
                    help="builder workspace memory pool limit (MiB, 1 .. 2^24)")
-    p.add_argument("--no-fp16", action="store_true", help="do not allow FP16 kernels (export dtype only)")
+    p.add_argument("--no-fp16", action="store_true",
+                   help="kept for old scripts, no effect: engines are strongly typed, the export dtype decides")
     p.add_argument("--force", action="store_true", help="replace existing engines")
     p.set_defaults(func=run_build)
     return p
@@ -87,7 +98,7 @@ def parse_version(text: str) -> tuple[int, int, int]:
 def import_tensorrt() -> ModuleType:
     """The real TensorRT Python API, or TensorRTMissingError saying what to install."""
     hint = ("`gaze build` needs the TensorRT builder and its Python API: on a Jetson, JetPack's "
-            "python3-libnvinfer (TensorRT 10.3+); on x86, the TensorRT 10.x SDK or NVIDIA's tensorrt wheel "
+            "python3-libnvinfer (TensorRT 10.3+); on x86, the TensorRT 10.3 .. 11.x SDK or NVIDIA's tensorrt wheel "
             "from pypi.nvidia.com. Engines must be built on a machine with TensorRT and the target's GPU "
             "architecture; without TensorRT, run the export folder with the ONNX Runtime backend.")
     try:
@@ -103,10 +114,9 @@ def import_tensorrt() -> ModuleType:
         where = getattr(trt, "__file__", "?")
         raise TensorRTMissingError(f"the installed `tensorrt` package ({where}) is a placeholder, not TensorRT: "
                                    f"it has no {', '.join(missing)}. {hint}")
-    version = parse_version(trt.__version__)
-    if not (SUPPORTED[0] <= version[:2] <= SUPPORTED[1]):
-        raise TensorRTMissingError(f"TensorRT {trt.__version__} is not supported: gaze-edge targets TensorRT "
-                                   f"10.3 .. 10.x (JetPack 6.2 .. 7.2). {hint}")
+    problem = trt_policy.version_problem(parse_version(trt.__version__), str(trt.__version__))
+    if problem:
+        raise TensorRTMissingError(f"{problem}. {hint}")
     return trt
 
 
@@ -246,10 +256,15 @@ def _load_plugin(trt: ModuleType, plugin: Path) -> None:
         raise EngineBuildError(f"plugin library {plugin} does not exist; build it with: {BUILD_HINT} "
                                f"(on the machine with TensorRT), or pass --plugin PATH")
     registry = trt.get_plugin_registry()
+    path = str(plugin.resolve())
     try:
-        registry.load_library(str(plugin.resolve()))
+        handle = registry.load_library(path)
     except Exception as exc:
-        raise EngineBuildError(f"TensorRT cannot load the plugin library {plugin}: {exc}") from exc
+        raise EngineBuildError(f"TensorRT cannot load the plugin library {path} ({exc}): {trt_policy.PLUGIN_HINT}") \
+            from exc
+    problem = trt_policy.check_loaded(handle, path)  # load_library returns None on a failed dlopen, no exception
+    if problem:
+        raise EngineBuildError(problem)
     creator = registry.get_creator(PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE) \
         if hasattr(registry, "get_creator") else registry.get_plugin_creator(PLUGIN_NAME, PLUGIN_VERSION,
                                                                               PLUGIN_NAMESPACE)
@@ -259,7 +274,11 @@ def _load_plugin(trt: ModuleType, plugin: Path) -> None:
 
 
 def _parse(trt: ModuleType, logger: Any, builder: Any, onnx_path: Path) -> tuple[Any, Any]:
-    network = builder.create_network(0)
+    try:
+        flags = trt_policy.network_flags(trt)  # strongly typed: the export's dtypes, no FP16 flag
+    except ValueError as exc:
+        raise EngineBuildError(str(exc)) from exc
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     override = getattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE", None)
     if override is not None:
@@ -270,12 +289,23 @@ def _parse(trt: ModuleType, logger: Any, builder: Any, onnx_path: Path) -> tuple
     return network, parser
 
 
+def preview_features(trt: ModuleType) -> list[Any]:
+    """The preview features the decoder build enables: ALIASED_PLUGIN_IO_10_03 (present.* alias
+    past_key_values.*, the plugin's in-place KV cache); EngineBuildError in one line when TensorRT lacks it."""
+    try:
+        return [trt_policy.aliased_io_feature(trt)]
+    except ValueError as exc:
+        raise EngineBuildError(str(exc)) from exc
+
+
 def _build_engine(trt: ModuleType, builder: Any, network: Any, profiles: list[dict[str, Range]],
-                  cache: Any, args: argparse.Namespace, out: Path) -> None:
+                  cache: Any, args: argparse.Namespace, out: Path, features: Sequence[Any] = ()) -> None:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, args.workspace_mib << 20)
-    if not args.no_fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+    # No BuilderFlag.FP16: networks are strongly typed (trt_policy.network_flags; the flag is gone in TensorRT 11).
+    # Aliased plugin I/O (present.* in place of past_key_values.*) only holds with its preview feature on.
+    for feature in features:
+        config.set_preview_feature(feature, True)
     config.set_timing_cache(cache, False)
     for ranges in profiles:
         profile = builder.create_optimization_profile()
@@ -298,10 +328,11 @@ def export_plugin_version(config: dict[str, Any]) -> str:
 def check_plugin_contract(config: dict[str, Any], export: Path) -> None:
     """The export's GazeAttention nodes must be the version the plugin library implements (PLUGIN_VERSION)."""
     wanted = export_plugin_version(config)
-    if wanted != PLUGIN_VERSION:
-        raise EngineBuildError(f"{export} uses GazeAttention plugin version {wanted or '?'}; libgaze_trt_plugin.so "
-                               f"implements version {PLUGIN_VERSION} (the version-2 plugin is not done yet), "
-                               "so TensorRT could not map its nodes: no engine can be built from this export")
+    if wanted != GLUE_NODE_VERSION:
+        raise EngineBuildError(f"{export} uses GazeAttention plugin version {wanted or '?'}; gaze build's profiles "
+                               f"implement version {GLUE_NODE_VERSION} only (the version-{PLUGIN_VERSION} plugin "
+                               "exists, its build profiles and bindings do not yet): no engine can be built from "
+                               "this export; run it with the ONNX Runtime backend")
 
 
 def graph_file(export: Path, config: dict[str, Any], part: str) -> Path:
@@ -340,6 +371,12 @@ def run_build(args: argparse.Namespace) -> int:
     arch, gpu_name = engine_manifest.gpu_arch()
     version = parse_version(trt.__version__)
     plan = parser_plan(version, hasattr(getattr(trt, "OnnxParserFlag", None), "ENABLE_PLUGIN_OVERRIDE"))
+    # Refuse a TensorRT without strongly typed networks or aliased plugin I/O before anything is touched.
+    try:
+        trt_policy.network_flags(trt)
+    except ValueError as exc:
+        raise EngineBuildError(str(exc)) from exc
+    decoder_features = preview_features(trt)
     console.progress(f"TensorRT {trt.__version__}, {gpu_name} ({arch}); plugin {args.plugin}")
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -364,7 +401,7 @@ def run_build(args: argparse.Namespace) -> int:
         profiles = [{t.name: decoder_profile(t.name, tuple(t.shape), shapes, phase) for t in inputs}
                     for phase in ("prefill", "decode")]
         console.progress("[1/2] building decoder.engine (profiles: prefill, decode)")
-        _build_engine(trt, builder, network, profiles, cache, args, engine_dir / "decoder.engine")
+        _build_engine(trt, builder, network, profiles, cache, args, engine_dir / "decoder.engine", decoder_features)
     finally:
         if stripped is not None:
             stripped.unlink(missing_ok=True)
@@ -382,7 +419,7 @@ def run_build(args: argparse.Namespace) -> int:
         engines={"decoder": {"file": "decoder.engine", "profiles": ["prefill", "decode"]},
                  "vision": {"file": "vision.engine", "profiles": ["vision"]}},
         shapes=shapes.as_dict(),
-        extra={"fp16": not args.no_fp16, "function_stripped": plan.strip_function,
+        extra={"strongly_typed": True, "function_stripped": plan.strip_function,
                "plugin_override_flag": plan.plugin_override_flag},
     )
     print(f"engines written to {engine_dir}", flush=True)

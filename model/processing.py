@@ -241,7 +241,9 @@ class GazeProcessor:
     def encode(self, text: str) -> list[int]:
         """Token ids with each image token expanded to its visual tokens, suffix tokens and context tokens."""
         ids: list[int] = []
-        for token_id in self.tokenizer.encode(text, add_special_tokens=False).ids:
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        self._check_representable(text, encoding)
+        for token_id in encoding.ids:
             if token_id == self.image_token_id:
                 ids.extend([self.image_token_id] * self.tokens_per_image)
                 ids.extend(self.image_suffix_token_ids)
@@ -249,6 +251,25 @@ class GazeProcessor:
             else:
                 ids.append(token_id)
         return ids
+
+    def _check_representable(self, text: str, encoding: Any) -> None:
+        """InputError naming the words the vocabulary cannot represent (mapped to the unk token).
+
+        A WordLevel/WordPiece (or unk-configured BPE) model turns an unknown word into its unk token;
+        the unk token typed literally (its source span is the unk text) is not an unknown word.
+        Byte-level BPE has no unk token and never reports.
+        """
+        unk = getattr(self.tokenizer.model, "unk_token", None)
+        unk_id = self.tokenizer.token_to_id(unk) if isinstance(unk, str) and unk else None
+        if unk_id is None:
+            return
+        spans = zip(encoding.ids, encoding.offsets, strict=True)
+        words = [text[a:b] for i, (a, b) in spans if i == unk_id and text[a:b] != unk]
+        if words:
+            unique = list(dict.fromkeys(words))
+            listed = ", ".join(repr(w) for w in unique)
+            raise InputError(f"the model's vocabulary cannot represent {listed}; "
+                             "use words from its tokenizer.json")
 
     def decode(self, ids: list[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         return str(self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))

@@ -110,14 +110,15 @@ GOOD = [gk.Field.int32("top_k", 4), gk.Field.int32("max_region_tokens", 9), gk.F
 
 
 def test_attribute_names_are_the_contract_attributes(lib: gk.GazeKernels) -> None:
-    assert lib.attribute_names() == ["top_k", "max_region_tokens", "scale", "plugin_namespace", "plugin_version"]
+    assert lib.attribute_names() == ["top_k", "max_region_tokens", "scale", "routing", "context_attention",
+                                     "plugin_namespace", "plugin_version"]
 
 
 def test_parse_good_attributes(lib: gk.GazeKernels) -> None:
     a = lib.parse_attributes(GOOD)
     assert (a.top_k, a.max_region_tokens, a.scale) == (4, 9, 0.125)
     # The parser may pass the plugin strings, with or without a terminating NUL; unknown names are ignored.
-    extra = [gk.Field.string("plugin_namespace", "gaze"), gk.Field("plugin_version", b"1\0", gk.FIELD_CHAR),
+    extra = [gk.Field.string("plugin_namespace", "gaze"), gk.Field("plugin_version", b"2\0", gk.FIELD_CHAR),
              gk.Field.int32("something_else", 3)]
     a = lib.parse_attributes(list(reversed(GOOD)) + extra)
     assert (a.top_k, a.max_region_tokens) == (4, 9)
@@ -150,7 +151,7 @@ def test_wrong_attribute_type(lib: gk.GazeKernels, field: gk.Field, message: str
     (gk.Field.float32("scale", 0.0), "'scale' must be a finite float > 0", gk.ERR_INVALID),
     (gk.Field.float32("scale", math.nan), "'scale' must be a finite float > 0", gk.ERR_INVALID),
     (gk.Field.string("plugin_namespace", "other"), "plugin_namespace' is 'other'", gk.ERR_INVALID),
-    (gk.Field.string("plugin_version", "2"), "plugin_version' is '2'", gk.ERR_INVALID),
+    (gk.Field.string("plugin_version", "1"), "plugin_version' is '1'", gk.ERR_INVALID),  # node v1: re-export
 ])
 def test_bad_attribute_value(lib: gk.GazeKernels, field: gk.Field, message: str, status: int) -> None:
     fields = [f for f in GOOD if f.name != field.name] + [field]
@@ -379,3 +380,66 @@ def test_v2_shape_rules(lib: gk.GazeKernels, inputs: list, message: str) -> None
     with pytest.raises(gk.GazeKernelError, match=message) as info:
         lib.infer_outputs_v2(inputs, gk.Attrs(4, 9, 0.125))
     assert info.value.status == gk.ERR_INVALID
+
+
+# ---- node v2 plugin I/O table (plain C++, no TensorRT, no CUDA) ------------------------------------
+
+V2_HOST_CHECK = r"""
+#include <cstdio>
+#include "common/gaze_host.h"
+using namespace gaze;
+int main() {
+  int bad = 0;
+  auto expect = [&](bool got, bool want, int line) { if (got != want) { std::printf("line %d\n", line); ++bad; } };
+  if (std::string(kPluginVersion) != "2") ++bad;
+  for (DType q : {DType::kF32, DType::kF16, DType::kBF16}) {
+    const DType other = q == DType::kF16 ? DType::kF32 : DType::kF16;
+    expect(supports_io_dtype_v2(v2::kQuery, q, q), true, __LINE__);
+    for (int pos : {1, 2, 3, 4, 16, 17, 18}) {
+      expect(supports_io_dtype_v2(pos, q, q), true, __LINE__);
+      expect(supports_io_dtype_v2(pos, other, q), false, __LINE__);
+    }
+    for (int pos : {5, 19}) expect(supports_io_dtype_v2(pos, DType::kF32, q), true, __LINE__);
+    for (int pos : {6, 7, 9, 10, 12, 13, 14, 15}) {
+      expect(supports_io_dtype_v2(pos, DType::kI64, q), true, __LINE__);
+      expect(supports_io_dtype_v2(pos, DType::kI32, q), false, __LINE__);
+    }
+    for (int pos : {8, 11}) {
+      expect(supports_io_dtype_v2(pos, DType::kBool, q), true, __LINE__);
+      expect(supports_io_dtype_v2(pos, DType::kI64, q), false, __LINE__);
+    }
+  }
+  expect(supports_io_dtype_v2(0, DType::kI32, DType::kI32), false, __LINE__);
+  expect(supports_io_dtype_v2(20, DType::kF32, DType::kF32), false, __LINE__);
+  return bad;
+}
+"""
+
+
+def test_v2_plugin_io_dtype_table(tmp_path: Path) -> None:
+    """supports_io_dtype_v2 (the TensorRT plugin's supportsFormatCombination) follows the v2 input order."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    import subprocess
+    src = tmp_path / "v2_check.cpp"
+    src.write_text(V2_HOST_CHECK)
+    exe = tmp_path / "v2_check"
+    subprocess.run([cxx, "-std=c++17", "-O0", f"-I{REPO / 'plugins_trt'}", str(src),
+                    str(REPO / "plugins_trt" / "common" / "gaze_host.cpp"), "-o", str(exe)], check=True)
+    result = subprocess.run([str(exe)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_trt_plugin_compiles_against_tensorrt_headers() -> None:
+    """Syntax check of the plugin against real TensorRT headers: GAZE_TRT_INCLUDE=/path/to/include (>= 10.3)."""
+    inc = os.environ.get("GAZE_TRT_INCLUDE")
+    cxx = shutil.which("g++")
+    cuda = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+    if not inc or cxx is None or not (cuda / "cuda_runtime.h").exists():
+        pytest.skip("set GAZE_TRT_INCLUDE to a TensorRT include dir (and have g++ and CUDA headers)")
+    import subprocess
+    result = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", f"-I{inc}", f"-I{cuda}", f"-I{REPO / 'plugins_trt'}",
+                             str(REPO / "plugins_trt" / "gaze_attention" / "gaze_attention_plugin.cpp")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -297,7 +297,7 @@ def fake_tensorrt(cudart: FakeCudart, log: list[tuple[Any, ...]], shape: ModelSh
             return object()
 
         def get_creator(self, name: str, version: str, namespace: str) -> object | None:
-            ok = bool(self.loaded) and (name, version, namespace) == ("GazeAttention", "1", "gaze")
+            ok = bool(self.loaded) and (name, version, namespace) == ("GazeAttention", tb.PLUGIN_VERSION, "gaze")
             return object() if ok else None
 
     registry = Registry()
@@ -342,7 +342,7 @@ def make_folder(tmp_path: Path, shape: ModelShape = SHAPE, trt_version: str = TR
                       engines={"decoder": {"file": "decoder.engine", "profiles": ["prefill", "decode"]},
                                "vision": {"file": "vision.engine", "profiles": ["vision"]}}, shapes={})
     # The plugin version this backend implements (v1): a v2 export is refused (test_refuses_a_v2_export).
-    config = {"gaze": {"node": {"plugin_version": tb.PLUGIN_VERSION}}}
+    config = {"gaze": {"node": {"plugin_version": "1"}}}
     return types.SimpleNamespace(path=tmp_path, shape=shape, has_gaze_queries=False, config=config)
 
 
@@ -401,7 +401,7 @@ def test_refuses_a_tensorrt_package_that_raises_on_import(monkeypatch: pytest.Mo
         tb.import_tensorrt_runtime()
 
 
-@pytest.mark.parametrize("version", ["8.6.1", "10.2.0", "11.0.0"])
+@pytest.mark.parametrize("version", ["8.6.1", "10.2.0", "12.0.0"])
 def test_refuses_unsupported_tensorrt_versions(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
     log: list[tuple[Any, ...]] = []
     install(monkeypatch, fake_tensorrt(FakeCudart(log), log, version=version), None)
@@ -452,6 +452,29 @@ def test_manifest_mismatch_refuses_before_loading_anything(doubles: tuple[list[t
         tb.TrtBackend(folder)  # type: ignore[arg-type]
     assert isinstance(info.value, GazeError)
     assert not [e for e in log if e[0] in ("malloc", "load_library", "deserialize")]
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "10.13.0", "10.16.1", "11.1.0"])
+def test_accepts_tensorrt_10_3_to_11(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    log: list[tuple[Any, ...]] = []
+    trt = fake_tensorrt(FakeCudart(log), log, version=version)
+    install(monkeypatch, trt, None)
+    assert tb.import_tensorrt_runtime() is trt
+
+
+def test_a_failed_plugin_dlopen_is_one_clear_line(doubles: tuple[list[tuple[Any, ...]], FakeCudart],
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IPluginRegistry.load_library returns None on a failed dlopen (it does not raise): refused by path."""
+    log, _ = doubles
+    registry = sys.modules["tensorrt"].get_plugin_registry()  # type: ignore[union-attr]
+    monkeypatch.setattr(registry, "load_library", lambda path: log.append(("load_library", path)))  # -> None
+    folder = make_folder(tmp_path)
+    with pytest.raises(tb.TensorRTRuntimeError) as info:
+        tb.TrtBackend(folder)  # type: ignore[arg-type]
+    message = str(info.value)
+    plugin = str((tmp_path / "engines" / "libgaze_trt_plugin.so").resolve())
+    assert plugin in message and "dlopen failed" in message and "make plugins" in message and "\n" not in message
+    assert not [e for e in log if e[0] in ("malloc", "deserialize")]
 
 
 # ====================================================================== plain decisions

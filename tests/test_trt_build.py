@@ -18,6 +18,7 @@ import pytest
 from gaze_edge.errors import GazeError
 from gaze_edge.export import engine_manifest as em
 from gaze_edge.export import trt_build as tb
+from gaze_edge.export import trt_policy as tp
 
 # ---- TensorRT missing / placeholder / wrong version ------------------------------------------------
 
@@ -48,7 +49,7 @@ def test_refuses_a_package_that_fails_to_import(monkeypatch: pytest.MonkeyPatch,
         tb.import_tensorrt()
 
 
-@pytest.mark.parametrize("version", ["8.6.1", "10.0.1", "11.0.0"])
+@pytest.mark.parametrize("version", ["8.6.1", "10.0.1", "10.2.0", "12.0.0"])
 def test_refuses_unsupported_tensorrt_versions(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
     fake = types.ModuleType("tensorrt")
     for attr in ("Builder", "OnnxParser", "Logger", "get_plugin_registry"):
@@ -74,7 +75,7 @@ def test_a_v2_export_is_refused_before_tensorrt_is_looked_for(tmp_path: Path) ->
     parser = argparse.ArgumentParser(prog="gaze")
     tb.add_build_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["build", str(tmp_path)])
-    with pytest.raises(tb.EngineBuildError, match="plugin version 2.*implements version 1"):
+    with pytest.raises(tb.EngineBuildError, match="plugin version 2.*implement version 1 only"):
         args.func(args)
     assert not (tmp_path / "engines").exists()
 
@@ -273,3 +274,138 @@ def test_gpu_arch_without_a_driver_is_a_clear_error() -> None:
         assert "driver" in str(exc) or "CUDA" in str(exc)
     else:
         assert arch.startswith("sm_") and name
+
+
+# ---- TensorRT 10.3 .. 11.x policy (export/trt_policy.py) and the builder glue, with fakes ----------------------
+
+
+@pytest.mark.parametrize(("version", "ok"), [((10, 2, 0), False), ((10, 3, 0), True), ((10, 13, 0), True),
+                                             ((10, 16, 1), True), ((11, 1, 0), True), ((12, 0, 0), False)])
+def test_version_policy(version: tuple, ok: bool) -> None:
+    problem = tp.version_problem(version)
+    assert (problem is None) is ok
+    if not ok:
+        assert "not supported" in problem and "10.3 .. 11.x" in problem and "\n" not in problem
+
+
+@pytest.mark.parametrize("version", ["10.3.0.30", "10.16.1", "11.1.0"])
+def test_accepts_tensorrt_10_3_to_11(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    fake = types.ModuleType("tensorrt")
+    for attr in ("Builder", "OnnxParser", "Logger", "get_plugin_registry"):
+        setattr(fake, attr, object())
+    fake.__version__ = version  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    assert tb.import_tensorrt() is fake
+
+
+class _Registry:
+    def __init__(self, handle: object | None) -> None:
+        self.handle, self.loaded = handle, []
+
+    def load_library(self, path: str) -> object | None:
+        self.loaded.append(path)
+        return self.handle
+
+    def get_creator(self, name: str, version: str, namespace: str) -> object | None:
+        return object() if self.handle is not None else None
+
+
+def test_load_plugin_reports_a_failed_dlopen(tmp_path: Path) -> None:
+    """load_library returns None (no exception) when dlopen fails: one line naming the path and what to do."""
+    plugin = tmp_path / "libgaze_trt_plugin.so"
+    plugin.write_bytes(b"not a library")
+    registry = _Registry(None)
+    trt = types.SimpleNamespace(get_plugin_registry=lambda: registry)
+    with pytest.raises(tb.EngineBuildError) as info:
+        tb._load_plugin(trt, plugin)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert str(plugin.resolve()) in message and "dlopen failed" in message and "make plugins" in message
+    assert "CUDA" in message and "\n" not in message
+    assert registry.loaded == [str(plugin.resolve())]
+    tb._load_plugin(types.SimpleNamespace(get_plugin_registry=lambda: _Registry(object())), plugin)  # type: ignore
+
+
+def _fake_builder_trt(strongly_typed: bool = True, fp16_flag: bool = True, aliased: bool = True,
+                      version: str = "10.3.0") -> tuple[types.SimpleNamespace, list]:
+    log: list = []
+    flags = types.SimpleNamespace(STRONGLY_TYPED=1) if strongly_typed else types.SimpleNamespace()
+    builder_flags = types.SimpleNamespace(FP16="FP16") if fp16_flag else types.SimpleNamespace()
+    preview = types.SimpleNamespace(ALIASED_PLUGIN_IO_10_03="ALIASED") if aliased else types.SimpleNamespace()
+
+    class Config:
+        def set_memory_pool_limit(self, pool: object, size: int) -> None:
+            log.append(("pool", size))
+
+        def set_flag(self, flag: object) -> None:
+            log.append(("set_flag", flag))
+
+        def set_preview_feature(self, feature: object, on: bool) -> None:
+            log.append(("preview", feature, on))
+
+        def set_timing_cache(self, cache: object, ignore: bool) -> None:
+            pass
+
+        def add_optimization_profile(self, profile: object) -> None:
+            log.append(("profile",))
+
+    class Profile:
+        def set_shape(self, *args: object) -> None:
+            pass
+
+    class Builder:
+        def create_network(self, f: int) -> object:
+            log.append(("create_network", f))
+            return object()
+
+        def create_builder_config(self) -> Config:
+            return Config()
+
+        def create_optimization_profile(self) -> Profile:
+            return Profile()
+
+        def build_serialized_network(self, network: object, config: object) -> bytes:
+            return b"engine"
+
+    class Parser:
+        num_errors = 0
+
+        def __init__(self, network: object, logger: object) -> None:
+            pass
+
+        def parse_from_file(self, path: str) -> bool:
+            return True
+
+    trt = types.SimpleNamespace(__version__=version, NetworkDefinitionCreationFlag=flags, BuilderFlag=builder_flags,
+                                PreviewFeature=preview, MemoryPoolType=types.SimpleNamespace(WORKSPACE=0),
+                                OnnxParser=Parser, Builder=Builder)
+    return trt, log
+
+
+def test_builds_a_strongly_typed_network_with_aliased_plugin_io_and_no_fp16(tmp_path: Path) -> None:
+    trt, log = _fake_builder_trt()
+    builder = trt.Builder()
+    network, _ = tb._parse(trt, None, builder, tmp_path / "decoder.onnx")  # type: ignore[arg-type]
+    args = argparse.Namespace(workspace_mib=1, no_fp16=False)
+    tb._build_engine(trt, builder, network, [{"x": ((1,), (1,), (1,))}], None, args,  # type: ignore[arg-type]
+                     tmp_path / "decoder.engine", tb.preview_features(trt))  # type: ignore[arg-type]
+    assert ("create_network", 1 << 1) in log  # 1 << STRONGLY_TYPED
+    assert ("preview", "ALIASED", True) in log
+    assert not [e for e in log if e[0] == "set_flag"]  # no BuilderFlag.FP16 (fp32 export stays fp32)
+    assert (tmp_path / "decoder.engine").read_bytes() == b"engine"
+
+
+def test_tensorrt_11_without_weak_typing_flags_builds_strongly_typed(tmp_path: Path) -> None:
+    trt, log = _fake_builder_trt(strongly_typed=False, fp16_flag=False, version="11.1.0")
+    assert tp.network_flags(trt) == 0  # strong typing is always on where BuilderFlag.FP16 is gone
+    tb._parse(trt, None, trt.Builder(), tmp_path / "d.onnx")  # type: ignore[arg-type]
+    assert ("create_network", 0) in log
+
+
+def test_refuses_weak_typing_only_and_missing_aliased_plugin_io(tmp_path: Path) -> None:
+    trt, _ = _fake_builder_trt(strongly_typed=False, fp16_flag=True)
+    with pytest.raises(tb.EngineBuildError, match="STRONGLY_TYPED"):
+        tb._parse(trt, None, trt.Builder(), tmp_path / "d.onnx")  # type: ignore[arg-type]
+    trt, log = _fake_builder_trt(aliased=False, version="10.2.0")
+    with pytest.raises(tb.EngineBuildError, match="ALIASED_PLUGIN_IO_10_03.*copy") as info:
+        tb.preview_features(trt)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)

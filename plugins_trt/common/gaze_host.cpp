@@ -80,8 +80,8 @@ const char* dtype_name(DType dtype) {
 }
 
 const std::vector<std::string>& attribute_names() {
-  static const std::vector<std::string> names = {"top_k", "max_region_tokens", "scale", "plugin_namespace",
-                                                 "plugin_version"};
+  static const std::vector<std::string> names = {"top_k", "max_region_tokens", "scale", "routing",
+                                                 "context_attention", "plugin_namespace", "plugin_version"};
   return names;
 }
 
@@ -167,6 +167,21 @@ bool supports_io_dtype(int pos, DType dtype, DType query_dtype) {
     case kSlotValid: case kGaze: return dtype == DType::kBool;
     case kNumInputs + 0: case kNumInputs + 1: case kNumInputs + 2: return dtype == query_dtype;
     case kNumInputs + 3: return dtype == DType::kF32;
+    default: return false;
+  }
+}
+
+bool supports_io_dtype_v2(int pos, DType dtype, DType query_dtype) {
+  const bool float_ok = dtype == DType::kF32 || dtype == DType::kF16 || dtype == DType::kBF16;
+  switch (pos) {
+    case v2::kQuery: return float_ok;
+    case v2::kKey: case v2::kValue: case v2::kPastKey: case v2::kPastValue: return dtype == query_dtype;
+    case v2::kPastDesc: return dtype == DType::kF32;
+    case v2::kSlotValid: case v2::kGaze: return dtype == DType::kBool;
+    case v2::kWriteOffset: case v2::kSlotPos: case v2::kSlotRegion: case v2::kSlotImage: case v2::kDenseSlots:
+    case v2::kRegionSlots: case v2::kRegionCount: case v2::kRegionLast: return dtype == DType::kI64;
+    case v2::kNumInputs + 0: case v2::kNumInputs + 1: case v2::kNumInputs + 2: return dtype == query_dtype;
+    case v2::kNumInputs + 3: return dtype == DType::kF32;
     default: return false;
   }
 }

@@ -21,7 +21,7 @@ enum class FieldType : int32_t { kF16 = 0, kF32 = 1, kF64 = 2, kI8 = 3, kI16 = 4
                                  kUnknown = 8, kBF16 = 9, kI64 = 10 };
 
 constexpr const char* kPluginName = "GazeAttention";
-constexpr const char* kPluginVersion = "1";
+constexpr const char* kPluginVersion = "2";  // node v2 (16 inputs); v1 nodes are re-exported
 constexpr const char* kPluginNamespace = "gaze";
 
 constexpr int kNumInputs = 11;
@@ -102,6 +102,8 @@ std::vector<TensorDesc> infer_outputs_v2(const TensorDesc* inputs, int num_input
 // supportsFormatCombination: may I/O position `pos` (inputs 0..10, outputs 11..14) have
 // `dtype`, given that position 0 (query) has `query_dtype`?
 bool supports_io_dtype(int pos, DType dtype, DType query_dtype);
+// The same for node v2 positions (inputs 0..15, outputs 16..19), as the TensorRT plugin sees them.
+bool supports_io_dtype_v2(int pos, DType dtype, DType query_dtype);
 
 // Everything a launch depends on (actual sizes at enqueue, or the largest of a profile).
 struct Problem {

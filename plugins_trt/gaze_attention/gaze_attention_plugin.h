@@ -1,5 +1,5 @@
-// TensorRT IPluginV3 glue for the gaze::GazeAttention node (name "GazeAttention", version "1",
-// namespace "gaze"). All rules live in ../common/gaze_host.h and all GPU work in ../kernels:
+// TensorRT IPluginV3 glue for the gaze::GazeAttention node v2 (name "GazeAttention", version "2",
+// namespace "gaze"; 16 inputs, 4 outputs, docs/ONNX_CONTRACT.md). All rules live in ../common/gaze_host.h and all GPU work in ../kernels:
 // this file only translates TensorRT's types. Compiles only where TensorRT 10.x is installed.
 #pragma once
 
@@ -13,14 +13,10 @@
 namespace gaze {
 namespace trt {
 
-#if defined(GAZE_TRT_ALIAS_IO)
-// Opt-in (CMake -DGAZE_TRT_ALIAS_IO=ON, TensorRT with IPluginV3OneBuildV2): declare present_* as
-// aliases of past_*. ARCHITECTURE.md: in Edge-LLM this made TensorRT keep an extra KV copy; the
-// default instead lets the runtime bind one buffer to both (kernels then run in place).
+// present_key/present_value/present_desc (outputs 1..3) are declared aliases of past_key/
+// past_value/past_desc (inputs 3..5) through IPluginV3OneBuildV2::getAliasedInput (TensorRT >= 10.3):
+// the KV cache is updated in place only, and enqueue refuses present != past.
 using BuildInterface = nvinfer1::IPluginV3OneBuildV2;
-#else
-using BuildInterface = nvinfer1::IPluginV3OneBuild;
-#endif
 
 class GazeAttentionPlugin : public nvinfer1::IPluginV3,
                             public nvinfer1::IPluginV3OneCore,
@@ -54,9 +50,7 @@ class GazeAttentionPlugin : public nvinfer1::IPluginV3,
   int32_t getNbOutputs() const noexcept override { return kNumOutputs; }
   size_t getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nb_inputs,
                           const nvinfer1::DynamicPluginTensorDesc* outputs, int32_t nb_outputs) const noexcept override;
-#if defined(GAZE_TRT_ALIAS_IO)
   int32_t getAliasedInput(int32_t output_index) noexcept override;
-#endif
 
   // IPluginV3OneRuntime
   int32_t onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nb_inputs, const nvinfer1::PluginTensorDesc* out,
