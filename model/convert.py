@@ -41,7 +41,6 @@ CONTEXT_TOKEN = "<|gaze_context_{}|>"
 NEWLINE_TOKEN = "<|gaze_image_newline|>"
 #: Source tokenizer files copied as they are (tokenizer.json and tokenizer_config.json are rewritten).
 TOKENIZER_FILES = ("special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
-PIL_RESAMPLE = {2: "bilinear", 3: "bicubic"}
 DTYPES = ("source", "fp32", "fp16", "bf16")
 
 # SigLIP encoder layer parts: gaze name -> transformers name.
@@ -244,22 +243,7 @@ def _image_config(src: Path, image_size: int) -> ImageConfig:
     if not path.is_file():
         raise CheckpointError(f"{src} has no preprocessor_config.json: the image size, resampling, mean and std "
                               "the model was trained with are unknown")
-    pre = _read_json(path)
-    size = pre.get("size") or {}
-    sides = {size.get("height"), size.get("width")} if isinstance(size, dict) else {size}
-    if sides - {None} and sides != {image_size}:
-        raise CheckpointError(f"{path}: size {size} is not the tower's square {image_size} px input")
-    resample = pre.get("resample", 3)
-    if resample not in PIL_RESAMPLE:
-        raise CheckpointError(f"{path}: resample {resample!r} is not supported ({PIL_RESAMPLE})")
-    normalize = pre.get("do_normalize", True)
-    return ImageConfig(
-        image_size=image_size,
-        resample=PIL_RESAMPLE[resample],
-        rescale_factor=float(pre.get("rescale_factor", 1 / 255)) if pre.get("do_rescale", True) else 1.0,
-        image_mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))) if normalize else (0.0, 0.0, 0.0),
-        image_std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))) if normalize else (1.0, 1.0, 1.0),
-    )
+    return ImageConfig.from_preprocessor(_read_json(path), str(path), image_size=image_size)
 
 
 @dataclass

@@ -46,7 +46,14 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 
-RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+#: PIL's resampling filters by the names this processor writes and the integers transformers writes.
+RESAMPLING = {"nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS,
+              "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+RESAMPLE_NAMES = {int(v): k for k, v in RESAMPLING.items()}
+#: Hugging Face image processors whose ``do_pad`` pads the batch of anyres patches, not the image.
+_PATCH_PADDING = ("LlavaOnevisionImageProcessor", "LlavaOnevisionImageProcessorFast", "LlavaNextImageProcessor",
+                  "LlavaNextImageProcessorFast")
 
 
 def build_tokenizer() -> Tokenizer:
@@ -62,11 +69,105 @@ def build_tokenizer() -> Tokenizer:
 
 @dataclass
 class ImageConfig:
+    """What preprocess does to an image, in transformers' order: convert to RGB, resize to the square
+    ``image_size``, multiply by ``rescale_factor``, subtract ``image_mean`` and divide by ``image_std``
+    (each step skipped where its ``do_*`` is false)."""
+
     image_size: int
     resample: str = "bicubic"
     rescale_factor: float = 1 / 255
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+
+    @classmethod
+    def from_preprocessor(cls, pre: dict[str, Any], where: str, image_size: int | None = None) -> ImageConfig:
+        """Read a preprocessor_config.json: this processor's own or a transformers image processor's.
+
+        Keys honoured: ``size`` ({"height", "width"} or an int; or this processor's ``image_size``),
+        ``resample`` (PIL's integer or a name), ``do_resize``, ``do_rescale``, ``rescale_factor``,
+        ``do_normalize``, ``image_mean``, ``image_std``, ``do_convert_rgb``. Refused (CheckpointError, one
+        line naming the key): a non-square or shortest-edge size, ``do_center_crop``, ``do_pad`` (padding to a
+        square), anyres tiling and a size that is not the vision tower's ``image_size`` when that is given.
+        """
+
+        def fail(message: str) -> CheckpointError:
+            return CheckpointError(f"{where}: {message}")
+
+        size = pre.get("size")
+        side: Any
+        if isinstance(size, dict):
+            if "shortest_edge" in size or "longest_edge" in size:
+                raise fail(f"size {size} resizes by an edge and keeps the aspect ratio; gaze-edge's towers take "
+                           'a fixed square image: set size to {"height": N, "width": N}')
+            if size.get("height") != size.get("width"):
+                raise fail(f"size {size} is not square; gaze-edge's towers take a square image")
+            side = size.get("height")
+        elif size is not None:
+            side = size
+        else:
+            side = pre.get("image_size", image_size)
+        if not isinstance(side, int) or isinstance(side, bool) or side < 1:
+            raise fail(f"no usable image size (size {size!r}, image_size {pre.get('image_size')!r})")
+        if image_size is not None and side != image_size:
+            raise fail(f"size {side} px is not the vision tower's {image_size} px input")
+        if pre.get("do_center_crop"):
+            raise fail("do_center_crop is true: center cropping is not supported; the tower must see the whole "
+                       "image resized to a square (set do_center_crop false if the model was trained that way)")
+        if pre.get("do_pad") and pre.get("image_processor_type") not in _PATCH_PADDING:
+            raise fail("do_pad is true: padding the image to a square is not supported (set do_pad false if the "
+                       "model was trained on plain resized images)")
+        if pre.get("image_aspect_ratio") == "anyres" or (pre.get("image_grid_pinpoints")
+                                                         and pre.get("image_processor_type") not in _PATCH_PADDING):
+            raise fail("anyres tiling (image_grid_pinpoints) is not supported: each image is one square view")
+        resample = pre.get("resample", "bicubic")
+        name = RESAMPLE_NAMES.get(resample) if isinstance(resample, int) else resample
+        if name not in RESAMPLING:
+            raise fail(f"resample {resample!r} is not a PIL filter ({', '.join(RESAMPLING)} or 0..5)")
+
+        def flag(key: str, default: bool) -> bool:
+            value = pre.get(key, default)
+            value = default if value is None else value
+            if not isinstance(value, bool):
+                raise fail(f"{key} must be true or false, got {value!r}")
+            return value
+
+        def triple(key: str) -> tuple[float, float, float]:
+            value = pre.get(key, (0.5, 0.5, 0.5))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value] * 3
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise fail(f"{key} must be 3 numbers (R, G, B), got {value!r}")
+            return (float(value[0]), float(value[1]), float(value[2]))
+
+        factor = pre.get("rescale_factor", 1 / 255)
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
+            raise fail(f"rescale_factor must be a positive number, got {factor!r}")
+        std = triple("image_std")
+        if min(std) <= 0:
+            raise fail(f"image_std {list(std)} must be positive")
+        return cls(image_size=side, resample=str(name), rescale_factor=float(factor), image_mean=triple("image_mean"),
+                   image_std=std, do_resize=flag("do_resize", True), do_rescale=flag("do_rescale", True),
+                   do_normalize=flag("do_normalize", True), do_convert_rgb=flag("do_convert_rgb", True))
+
+    def to_preprocessor(self) -> dict[str, Any]:
+        """preprocessor_config.json keys, readable by from_preprocessor and by transformers' image processors."""
+        return {
+            "image_size": self.image_size,
+            "size": {"height": self.image_size, "width": self.image_size},
+            "do_resize": self.do_resize,
+            "resample": int(RESAMPLING[self.resample]),
+            "do_rescale": self.do_rescale,
+            "rescale_factor": self.rescale_factor,
+            "do_normalize": self.do_normalize,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "do_convert_rgb": self.do_convert_rgb,
+        }
 
 
 #: tokenizer_config.json keys this processor writes itself (everything else a checkpoint brings is kept).
@@ -139,13 +240,7 @@ class GazeProcessor:
         tok_cfg = _read_json(tok_cfg_file)
         pre = _read_json(pre_file)
         try:
-            image = ImageConfig(
-                image_size=int(pre["image_size"]),
-                resample=str(pre.get("resample", "bicubic")),
-                rescale_factor=float(pre.get("rescale_factor", 1 / 255)),
-                image_mean=tuple(pre.get("image_mean", (0.5, 0.5, 0.5))),
-                image_std=tuple(pre.get("image_std", (0.5, 0.5, 0.5))),
-            )
+            image = ImageConfig.from_preprocessor(pre, str(pre_file))
 
             def name(key: str, default: str | None) -> str | None:  # absent: the built-in tokenizer's name
                 return _token_name(tok_cfg[key]) if key in tok_cfg else default
@@ -189,15 +284,8 @@ class GazeProcessor:
             "chat_template": self.chat_template,
         }
         (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-        pre = {
-            "processor_class": "GazeProcessor",
-            "image_size": self.image.image_size,
-            "resample": self.image.resample,
-            "rescale_factor": self.image.rescale_factor,
-            "image_mean": list(self.image.image_mean),
-            "image_std": list(self.image.image_std),
-            "tokens_per_image": self.tokens_per_image,
-        }
+        pre = {"processor_class": "GazeProcessor", **self.image.to_preprocessor(),
+               "tokens_per_image": self.tokens_per_image}
         (path / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
 
     # -------------------------------------------------------------- text
@@ -288,18 +376,30 @@ class GazeProcessor:
     # ------------------------------------------------------------- images
 
     def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> np.ndarray:
-        """RGB images (PIL or uint8 HxWx3) -> float32 [N, 3, S, S]: resize, rescale, normalise."""
-        size = self.image.image_size
+        """RGB images (PIL or uint8 HxWx3) -> float32 [N, 3, S, S], as transformers' image processors do it:
+        convert to RGB, resize (PIL, the checkpoint's filter), rescale, normalise; each step as
+        preprocessor_config.json says (ImageConfig). InputError for an image the config cannot take."""
+        cfg = self.image
+        size = cfg.image_size
         out = np.empty((len(images), 3, size, size), dtype=np.float32)
-        mean = np.asarray(self.image.image_mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.image.image_std, dtype=np.float32)[:, None, None]
+        mean = np.asarray(cfg.image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(cfg.image_std, dtype=np.float32)[:, None, None]
         for i, img in enumerate(images):
             pil = img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img, dtype=np.uint8))
-            pil = pil.convert("RGB")
+            if pil.mode != "RGB":
+                if not cfg.do_convert_rgb:
+                    raise InputError(f"image {i} is {pil.mode}, not RGB, and the checkpoint's preprocessor sets "
+                                     "do_convert_rgb false: give RGB images")
+                pil = pil.convert("RGB")
             if pil.size != (size, size):
-                pil = pil.resize((size, size), RESAMPLING[self.image.resample])
-            arr = np.asarray(pil, dtype=np.float32).transpose(2, 0, 1) * self.image.rescale_factor
-            out[i] = (arr - mean) / std
+                if not cfg.do_resize:
+                    raise InputError(f"image {i} is {pil.size[0]}x{pil.size[1]} px and the checkpoint's "
+                                     f"preprocessor sets do_resize false: give {size}x{size} px images")
+                pil = pil.resize((size, size), RESAMPLING[cfg.resample])
+            arr = np.asarray(pil, dtype=np.float32).transpose(2, 0, 1)
+            if cfg.do_rescale:
+                arr = arr * np.float32(cfg.rescale_factor)
+            out[i] = (arr - mean) / std if cfg.do_normalize else arr
         return out
 
 

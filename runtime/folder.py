@@ -123,6 +123,8 @@ def _check_sizes(config: dict[str, Any]) -> None:
         _int(k, "gaze.top_k_per_layer")
     vocab = config["model"]["vocab_size"]
     for name, value in config["special_tokens"].items():
+        if value is None and name in ("bos_token_id", "assistant_token_id"):
+            continue  # optional: Qwen-style tokenizers have no bos, a converted model no <assistant>
         _int(value, f"special_tokens.{name}", 0, vocab - 1)
 
 

@@ -272,7 +272,8 @@ class GazeRuntime:
             finished = finished | np.isin(token, stop)
             if index == 0:
                 timings.ttft_s = time.perf_counter() - state.start
-            yield Step(index, token, detok.push(token, finished_before), finished.copy(), selection)
+            last_step = finished | (index + 1 == sampling.max_new_tokens)
+            yield Step(index, token, detok.push(token, finished_before, last_step), finished.copy(), selection)
             finished_before = finished.copy()
             if finished.all() or index + 1 == sampling.max_new_tokens:
                 break
