@@ -201,6 +201,7 @@ def _export_into(folder: Path, ckpt: Path, args: argparse.Namespace, plan: Expor
     for name in COPIED_FILES:
         shutil.copy2(ckpt / name, folder / name)
     runtime = runtime_config(config, processor, args, max_seq_len)
+    runtime["model"]["decoder"]["weights"] = decoder_weight_bytes(model, 2 if args.dtype == "fp16" else 4)
     (folder / RUNTIME_CONFIG).write_text(json.dumps(runtime, indent=2) + "\n")
     _progress(5, total, f"validating against PyTorch on {args.validate_scenes} held-out scenes (ONNX Runtime)")
     if args.trt_compat:
@@ -245,6 +246,14 @@ def check_graphs(folder: Path, num_layers: int, with_function: bool) -> None:
     if has_function != with_function:
         raise ExportFailedError(f"decoder.onnx {'lacks' if with_function else 'carries'} the GazeAttention "
                                 "FunctionProto")
+
+
+def decoder_weight_bytes(model: Any, itemsize: int) -> dict[str, int]:
+    """Decoder weight bytes in the export's dtype: one layer (layer 0; all layers have the same shapes) and the rest
+    (final norm, lm_head). gaze profile --project-layers projects a model with more layers from them."""
+    layer = sum(p.numel() for p in model.layers[0].parameters()) * itemsize
+    other = (sum(p.numel() for p in model.norm.parameters()) + model.lm_head.weight.numel()) * itemsize
+    return {"per_layer_bytes": int(layer), "other_bytes": int(other)}
 
 
 def runtime_config(config: Any, processor: Any, args: argparse.Namespace, max_seq_len: int) -> dict[str, Any]:

@@ -252,3 +252,44 @@ def llava_onevision_0_5b_config(num_hidden_layers: int = 24, vision_num_layers: 
         bos_token_id=151643,
         eos_token_id=151645,
     )
+
+
+def cambrian_4b_config(num_hidden_layers: int = 36, vision_num_layers: int = 27, gaze_top_k: int = 4) -> GazeConfig:
+    """Cambrian-4B's shapes (the paper's model: Qwen3-4B + SigLIP2-So400m/16 at 512 px), for random weights.
+
+    32 x 32 = 1024 visual tokens per image; 8 x 8-token regions give 16 regions per image, gaze_top_k 4 of
+    them (the paper trains K = 2 / 4 / 8); 4 context tokens per image that attend to their own image only.
+    Qwen3-4B: 36 layers, 32 query / 8 KV heads of 128, q/k RMSNorm (its tied embedding is held as a separate
+    lm_head, as `gaze convert` writes a tied checkpoint); the special token ids
+    are Qwen3's (no bos; image = <|image_pad|>), the context tokens take ids past its 151669 tokens.
+    """
+    return GazeConfig(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        decoder_style="qwen3",
+        image_size=512,
+        patch_size=16,
+        vision_hidden_size=1152,
+        vision_intermediate_size=4304,
+        vision_num_layers=vision_num_layers,
+        vision_num_heads=16,
+        vision_style="siglip",
+        region_size=(8, 8),
+        gaze_top_k=gaze_top_k,
+        num_context_tokens=4,
+        context_attention="own_image",
+        image_token_id=151655,
+        context_token_ids=[151669, 151670, 151671, 151672],
+        assistant_token_id=None,
+        pad_token_id=151643,
+        bos_token_id=None,
+        eos_token_id=151645,
+    )

@@ -217,6 +217,9 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--launch-overhead-us", type=ca.number_in(0, 1e6), default=None,
                    help="per-token launch overhead of the roofline projection, in microseconds "
                         "(default: runtime/profile.py launch_overhead_us, from the layer count)")
+    p.add_argument("--project-layers", type=ca.int_in(1, 4096), default=None, metavar="N",
+                   help="project the roofline for the same model with N decoder layers (an export made with "
+                        "fewer layers than the real model; weights and KV bytes scaled per layer)")
     console.add_json_flag(p, "the report", ca.output_file(".json", stdout=True))
     p.add_argument("--plot", type=ca.output_file(".png"), default=None, metavar="FILE.png",
                    help="PNG: measured stages gaze vs dense, and the roofline projection in its own panel")
@@ -225,7 +228,7 @@ def add_profile_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from .profile import check_profile_args, format_table, plot, profile
+    from .profile import check_profile_args, format_table, layer_weight_bytes, plot, profile
 
     if args.plot is not None:
         ca.require("profile --plot", ("matplotlib",))  # before the run, not after it
@@ -237,10 +240,14 @@ def run_profile(args: argparse.Namespace) -> int:
     dense_rt = GazeRuntime.load(args.dense, backend=args.backend, threads=args.threads, spinning=False) if two else None
     kwargs = {"images": args.images, "frames": args.frames, "batch": args.batch, "new_tokens": args.max_new_tokens}
     check_profile_args(rt, **kwargs)
+    if args.project_layers is not None and layer_weight_bytes(rt) is None:  # before the run, not after it
+        raise InputError(f"{rt.folder.path} does not record its per-layer weight bytes (an older export): "
+                         "re-run `gaze export` to use --project-layers")
     if dense_rt is not None:
         check_profile_args(dense_rt, **kwargs)
     report = profile(rt, **kwargs, warmup=args.warmup, repeats=args.repeats, dense=not args.no_dense,
-                     dense_rt=dense_rt, launch_overhead_us=args.launch_overhead_us, progress=console.progress,
+                     dense_rt=dense_rt, launch_overhead_us=args.launch_overhead_us,
+                     project_layers=args.project_layers, progress=console.progress,
                      detail=console.detail)
     if console.json_to_stdout(args.json):
         console.write_json(report, args.json)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import numpy as np
 
-from gaze_edge.errors import interrupt_in_chain
+from gaze_edge.errors import InputError, interrupt_in_chain
 
 from .bench import interleave, machine, summary
 from .folder import ModelShape
@@ -158,6 +159,7 @@ def _throughput(stats: dict[str, Any], batch: int, new_tokens: int) -> dict[str,
 def profile(rt: GazeRuntime, images: int = 1, frames: int = 0, batch: int = 1, new_tokens: int = 32,
             seed: int = 0, *, warmup: int = 1, repeats: int = 5, dense: bool = True,
             dense_rt: GazeRuntime | None = None, launch_overhead_us: float | None = None, power: bool = True,
+            project_layers: int | None = None,
             progress: Callable[[str], None] | None = None,
             detail: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Time `warmup` + `repeats` generations per mode (gaze, and dense unless dense=False) and report.
@@ -248,17 +250,46 @@ def profile(rt: GazeRuntime, images: int = 1, frames: int = 0, batch: int = 1, n
                          "workspace_activations_estimate": workspace, "peak_rss": peak, "gpu": gpu_memory()},
         "gpu": nvml_info(),
         "power": sampler.summary() if sampler is not None else {"absent": "not sampled (power=False)"},
-        "roofline_projection": projection(rt, batch, kv, launch_overhead_us),
+        "decoder_weight_bytes": layer_weight_bytes(rt),
+        "roofline_projection": projection(rt, batch, kv, launch_overhead_us, project_layers),
     }
 
 
-def projection(rt: GazeRuntime, batch: int, kv: dict[str, int], overhead_us: float | None = None) -> dict[str, Any]:
-    """Tokens/s per Jetson board: a step = (weights + KV bytes) / bandwidth + launch overhead. Not measured."""
-    decoder_weights = rt.folder.decoder_path.stat().st_size + sum(
-        p.stat().st_size for p in rt.folder.path.glob("decoder.onnx.data"))
+def layer_weight_bytes(rt: GazeRuntime) -> dict[str, int] | None:
+    """The export's decoder weight bytes per layer and for the rest (gaze_config.json; None: an older export)."""
+    weights = rt.folder.config["model"]["decoder"].get("weights")
+    if not isinstance(weights, dict):
+        return None
+    values = (weights.get("per_layer_bytes"), weights.get("other_bytes"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise InputError(f"{rt.folder.path}/gaze_config.json: model.decoder.weights is not two byte counts; "
+                         "re-run `gaze export`")
+    return {"per_layer_bytes": int(values[0]), "other_bytes": int(values[1])}  # type: ignore[arg-type]
+
+
+def projection(rt: GazeRuntime, batch: int, kv: dict[str, int], overhead_us: float | None = None,
+               layers: int | None = None) -> dict[str, Any]:
+    """Tokens/s per Jetson board: a step = (weights + KV bytes) / bandwidth + launch overhead. Not measured.
+
+    ``layers``: project the same model with that many decoder layers (an export made with fewer layers than the
+    real model, e.g. a real-size configuration in CI): weights = the rest + layers x one layer's bytes, KV bytes
+    scaled by layers / the export's layers (the mean layer's top_k), launch overhead for that many layers.
+    """
+    own = rt.shape.num_layers
+    if layers is None:
+        decoder_weights = rt.folder.decoder_path.stat().st_size + sum(
+            p.stat().st_size for p in rt.folder.path.glob("decoder.onnx.data"))
+    else:
+        split = layer_weight_bytes(rt)
+        if split is None:
+            raise InputError(f"{rt.folder.path} does not record its per-layer weight bytes (an older export): "
+                             "re-run `gaze export` to use --project-layers")
+        decoder_weights = split["other_bytes"] + layers * split["per_layer_bytes"]
+        kv = {mode: int(round(v * layers / own)) for mode, v in kv.items()}
     weight_read = decoder_weights + batch * rt.shape.hidden_size * rt.shape.itemsize
     default = overhead_us is None
-    overhead = launch_overhead_us(rt.shape) if overhead_us is None else float(overhead_us)
+    shape = rt.shape if layers is None else replace(rt.shape, num_layers=layers)
+    overhead = launch_overhead_us(shape) if overhead_us is None else float(overhead_us)
     boards: dict[str, Any] = {}
     for name, bw in JETSON_BANDWIDTH_GBPS.items():
         entry: dict[str, Any] = {"bandwidth_gbps": bw}
@@ -269,13 +300,16 @@ def projection(rt: GazeRuntime, batch: int, kv: dict[str, int], overhead_us: flo
                            "tokens_per_s_per_sequence": 1 / step_s, "tokens_per_s_total": batch / step_s,
                            "bandwidth_bound_tokens_per_s_total": batch / memory_s}
         boards[name] = entry
-    why = (f"default: {HOST_US_PER_STEP:g} us host part per step + {KERNELS_PER_LAYER} x {rt.shape.num_layers} "
+    why = (f"default: {HOST_US_PER_STEP:g} us host part per step + {KERNELS_PER_LAYER} x {shape.num_layers} "
            f"layers + {KERNELS_PER_STEP} kernels x {LAUNCH_US_PER_KERNEL:g} us (CUDA graph replay)"
            if default else "given with --launch-overhead-us")
     return {
         "note": "PROJECTION, not measured: step = (decoder weights + KV bytes per step) / datasheet bandwidth "
                 "+ launch overhead per token; tokens/s in total = batch / step",
+        "decoder_layers": shape.num_layers,
+        "layers_projected_from_export": layers is not None,
         "weights_bytes_per_step": weight_read,
+        "kv_bytes_per_step": kv,
         "launch_overhead_us_per_token": overhead,
         "launch_overhead_basis": why,
         "boards": boards,
@@ -327,7 +361,11 @@ def format_table(report: dict[str, Any]) -> str:
         for rail, r in power["rails"].items():
             rows.append((f"power {rail}", f"{r['mean_mw'] / 1e3:.2f} W mean, {r['max_mw'] / 1e3:.2f} W max"))
     proj = report["roofline_projection"]
-    rows.append(("PROJECTION, not measured", "gaze", "dense"))
+    projected = f" ({proj['decoder_layers']} decoder layers)" if proj.get("layers_projected_from_export") else ""
+    rows.append((f"PROJECTION{projected}, not measured", "gaze", "dense"))
+    pkv = proj.get("kv_bytes_per_step", kv)
+    rows.append(("projection bytes / step (weights + KV)", f"{proj['weights_bytes_per_step'] + pkv['gaze']:,}",
+                 f"{proj['weights_bytes_per_step'] + pkv['dense']:,}"))
     rows.append(("projection launch overhead", f"{proj['launch_overhead_us_per_token']:.0f} us per token "
                                                f"({proj['launch_overhead_basis']})"))
     for board, r in proj["boards"].items():

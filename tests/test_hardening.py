@@ -396,6 +396,14 @@ def test_a_profile_batch_beyond_this_machine_is_refused(export_copy: Path, capsy
     assert "4096 sequence(s)" in line and "this machine has" in line, line
 
 
+def test_profile_project_layers_needs_the_per_layer_weight_bytes(export_copy: Path, capsys):
+    """An export made before gaze_config.json recorded model.decoder.weights: refused before any run."""
+    edit_config(export_copy, lambda c: c["model"]["decoder"].pop("weights"))
+    assert gaze_main(["profile", str(export_copy), "--project-layers", "36"]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert "does not record its per-layer weight bytes" in line and "re-run `gaze export`" in line, line
+
+
 def test_the_cache_plan_refuses_what_this_machine_cannot_hold(export_copy: Path):
     """CacheSpec.plan itself (so every Python caller, not only `gaze caption`) refuses before a byte is allocated."""
     import dataclasses
