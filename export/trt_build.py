@@ -4,7 +4,9 @@ Runs on the target (JetPack) or a machine with the same GPU architecture and Ten
 version. Writes into OUT/engines/ (or --engine-dir): decoder.engine (one engine, two
 optimization profiles: 0 = prefill chunks, 1 = decode steps), vision.engine, a timing
 cache, a copy of the plugin library, and engine_manifest.json (TensorRT version, GPU arch,
-plugin sha256, shapes) that the runtime checks before loading (export/engine_manifest.py).
+plugin sha256, shapes) that the runtime checks before loading (export/engine_manifest.py). The profiles cover
+every GazeAttention v2 decoder input (docs/ONNX_CONTRACT.md); a v1 export is refused (re-export it). Tested
+without TensorRT only (tests/test_trt_build.py): not run on TensorRT.
 
 TensorRT's ONNX parser and the plugin: the library is loaded from an explicit path
 (IPluginRegistry.load_library, never a search path). TensorRT <= 10.6 runs a model-local
@@ -48,10 +50,10 @@ from . import engine_manifest, trt_policy
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PLUGIN = REPO_ROOT / "build" / "plugins_trt" / "libgaze_trt_plugin.so"
 PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE = "GazeAttention", "2", "gaze"  # what libgaze_trt_plugin.so registers
-#: The node version the build profiles and the TensorRT backend's bindings follow (v1 inputs). The plugin library
-#: implements v2 (issue #12), but these profiles and bindings do not feed v2's layout tables yet, so a v2 export is
-#: refused before anything is built.
-GLUE_NODE_VERSION = "1"
+#: The GazeAttention node version the build profiles and the TensorRT backend's bindings follow: v2, the inputs of
+#: docs/ONNX_CONTRACT.md (slot_image, dense_slots, region tables, logits_positions). An export of another version is
+#: refused before anything is built (a v1 export: re-export it).
+GLUE_NODE_VERSION = "2"
 SUPPORTED = (trt_policy.MIN_VERSION, (trt_policy.MAX_MAJOR, 99))  # TensorRT 10.3 .. 11.x (trt_policy)
 BUILD_HINT = "cmake -S plugins_trt -B build/plugins_trt && cmake --build build/plugins_trt -j2"
 
@@ -191,31 +193,97 @@ def shapes_from_config(config: dict[str, Any], max_batch: int, max_prefill: int)
 
 Range = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (min, opt, max)
 
+#: A dim whose size the parsed network fixes (read from decoder.onnx, e.g. M of region_slots [B, R, M]).
+FIXED = None
+
+
+def dense_width(max_seq_len: int) -> int:
+    """The widest dense_slots [B, N] a generation can bind: max_seq_len rounded up to SlotState.DENSE_STEP."""
+    from gaze_edge.runtime.cache import SlotState
+
+    step = SlotState.DENSE_STEP
+    return max(-(-max_seq_len // step) * step, step)
+
+
+def _decoder_roles(name: str, s: BuildShapes, phase: str) -> list[tuple[int, int, int] | None] | None:
+    """(min, opt, max) per dim of decoder input `name` (FIXED: the network's own size), None if unknown."""
+    b = (1, s.max_batch, s.max_batch)
+    t = (1, s.max_prefill, s.max_prefill) if phase == "prefill" else (1, 1, 1)
+    n = (1, 1, s.max_prefill) if phase == "prefill" else (1, 1, 1)  # logits_positions: the last column, up to all T
+    seq = (s.max_seq_len,) * 3
+    dense = (1, dense_width(s.max_seq_len), dense_width(s.max_seq_len))
+    regions, heads, dim = (s.num_regions,) * 3, (s.kv_heads,) * 3, (s.head_dim,) * 3
+    if name == "inputs_embeds":
+        return [b, t, (s.hidden_size,) * 3]
+    if name == "gaze":
+        return [b, t]
+    if name == "logits_positions":
+        return [n]
+    if name in ("slot_pos", "slot_region", "slot_valid", "slot_image"):
+        return [b, seq]
+    if name == "dense_slots":
+        return [b, dense]
+    if name == "region_slots":
+        return [b, regions, FIXED]  # M (max_region_tokens) is fixed by the export
+    if name in ("region_count", "region_last"):
+        return [b, regions]
+    if name == "write_offset":
+        return [(1, 1, 1)]
+    if name.startswith("past_key_values.") and name.endswith(".desc"):
+        return [b, heads, regions, dim]
+    if name.startswith("past_key_values.") and name.endswith((".key", ".value")):
+        return [b, heads, seq, dim]
+    return None
+
 
 def decoder_profile(name: str, dims: tuple[int, ...], s: BuildShapes, phase: str) -> Range:
     """(min, opt, max) of decoder input `name` with dims (-1 dynamic) for phase 'prefill' or 'decode'.
 
-    B: 1..max_batch; T: 1..max_prefill (prefill) or 1 (decode); S: the static cache capacity.
+    The GazeAttention v2 inputs (docs/ONNX_CONTRACT.md): B 1..max_batch; T 1..max_prefill (prefill) or 1
+    (decode); S the static cache capacity max_seq_len; N (dense_slots) 1..max_seq_len rounded up to
+    SlotState.DENSE_STEP; n (logits_positions) 1..T; R (num_regions) and M (region_slots) fixed.
+    EngineBuildError for an unknown input, another rank, or a fixed dim gaze_config.json contradicts.
     """
-    b = (1, s.max_batch, s.max_batch)
-    t = (1, s.max_prefill, s.max_prefill) if phase == "prefill" else (1, 1, 1)
-    seq = (s.max_seq_len,) * 3
-    if name == "inputs_embeds" or name == "gaze":
-        roles = [b, t]
-    elif name in ("slot_pos", "slot_region", "slot_valid"):
-        roles = [b, seq]
-    elif name == "write_offset":
-        roles = [(1, 1, 1)]
-    elif name.startswith("past_key_values.") and name.endswith(".desc"):
-        roles = [b, (s.kv_heads,) * 3, (s.num_regions,) * 3, (s.head_dim,) * 3]
-    elif name.startswith("past_key_values."):
-        roles = [b, (s.kv_heads,) * 3, seq, (s.head_dim,) * 3]
-    else:
+    roles = _decoder_roles(name, s, phase)
+    if roles is None:
         raise EngineBuildError(f"decoder.onnx has an input {name!r} this builder does not know; re-run `gaze export`")
-    if len(roles) < len(dims):
-        roles += [(d, d, d) for d in dims[len(roles):]]
-    ranges = [roles[i] if d < 0 else (d, d, d) for i, d in enumerate(dims)]
+    if len(roles) != len(dims):
+        raise EngineBuildError(f"decoder.onnx input {name!r} has {len(dims)} dims {list(dims)}, expected "
+                               f"{len(roles)}; re-run `gaze export`")
+    ranges = []
+    for i, (d, role) in enumerate(zip(dims, roles, strict=True)):
+        if role is None:  # FIXED
+            if d < 0:
+                raise EngineBuildError(f"decoder.onnx input {name!r} has a dynamic dim {i}, which the export fixes; "
+                                       "re-run `gaze export`")
+            ranges.append((d, d, d))
+        elif d >= 0:
+            if role[0] == role[2] and role[0] != d:
+                raise EngineBuildError(f"decoder.onnx input {name!r} has dim {i} = {d}, gaze_config.json says "
+                                       f"{role[0]}: the folder was changed after export; re-run `gaze export`")
+            ranges.append((d, d, d))
+        else:
+            ranges.append(role)
     return tuple(r[0] for r in ranges), tuple(r[1] for r in ranges), tuple(r[2] for r in ranges)
+
+
+def decoder_profiles(inputs: Sequence[tuple[str, tuple[int, ...]]], s: BuildShapes) -> list[dict[str, Range]]:
+    """The decoder's two optimization profiles (0 prefill, 1 decode) over the parsed network's inputs (name, dims).
+
+    Every v2 decoder input (node.DECODER_CALL_INPUTS and past_key_values.{i}.{key,value,desc} per layer) must be
+    there and nothing else: EngineBuildError naming what is missing or unknown.
+    """
+    from .node import DECODER_CALL_INPUTS  # a constants module: imports nothing
+
+    names = [name for name, _ in inputs]
+    expected = set(DECODER_CALL_INPUTS) | {f"past_key_values.{i}.{k}" for i in range(s.num_layers)
+                                          for k in ("key", "value", "desc")}
+    missing = sorted(expected - set(names))
+    if missing:
+        raise EngineBuildError(f"decoder.onnx has no input(s) {missing[:4]} of the GazeAttention v{GLUE_NODE_VERSION} "
+                               "decoder: it was exported by another gaze-edge version; re-run `gaze export`")
+    return [{name: decoder_profile(name, tuple(dims), s, phase) for name, dims in inputs}
+            for phase in ("prefill", "decode")]
 
 
 def vision_profile(dims: tuple[int, ...], s: BuildShapes) -> Range:
@@ -325,14 +393,24 @@ def export_plugin_version(config: dict[str, Any]) -> str:
     return str(node.get("plugin_version", "")) if isinstance(node, dict) else ""
 
 
-def check_plugin_contract(config: dict[str, Any], export: Path) -> None:
-    """The export's GazeAttention nodes must be the version the plugin library implements (PLUGIN_VERSION)."""
+def contract_problem(config: dict[str, Any], where: Path) -> str | None:
+    """One line when the export's GazeAttention nodes are not the version this glue implements (GLUE_NODE_VERSION)."""
     wanted = export_plugin_version(config)
-    if wanted != GLUE_NODE_VERSION:
-        raise EngineBuildError(f"{export} uses GazeAttention plugin version {wanted or '?'}; gaze build's profiles "
-                               f"implement version {GLUE_NODE_VERSION} only (the version-{PLUGIN_VERSION} plugin "
-                               "exists, its build profiles and bindings do not yet): no engine can be built from "
-                               "this export; run it with the ONNX Runtime backend")
+    if wanted == GLUE_NODE_VERSION:
+        return None
+    if wanted and wanted.isdigit() and int(wanted) < int(GLUE_NODE_VERSION):
+        return (f"{where} uses GazeAttention plugin version {wanted}, from an older gaze-edge; TensorRT engines "
+                f"and the TensorRT backend need version {GLUE_NODE_VERSION}: re-export it with `gaze export` "
+                "(this release)")
+    return (f"{where} uses GazeAttention plugin version {wanted or '?'}; TensorRT engines and the TensorRT backend "
+            f"implement version {GLUE_NODE_VERSION} only: re-export it with `gaze export` (this release)")
+
+
+def check_plugin_contract(config: dict[str, Any], export: Path) -> None:
+    """The export's GazeAttention nodes must be the version the glue and plugin library implement (v2)."""
+    problem = contract_problem(config, export)
+    if problem:
+        raise EngineBuildError(problem)
 
 
 def graph_file(export: Path, config: dict[str, Any], part: str) -> Path:
@@ -398,8 +476,7 @@ def run_build(args: argparse.Namespace) -> int:
                 decoder_onnx = stripped
         network, _parser = _parse(trt, logger, builder, decoder_onnx)
         inputs = [network.get_input(i) for i in range(network.num_inputs)]
-        profiles = [{t.name: decoder_profile(t.name, tuple(t.shape), shapes, phase) for t in inputs}
-                    for phase in ("prefill", "decode")]
+        profiles = decoder_profiles([(t.name, tuple(t.shape)) for t in inputs], shapes)
         console.progress("[1/2] building decoder.engine (profiles: prefill, decode)")
         _build_engine(trt, builder, network, profiles, cache, args, engine_dir / "decoder.engine", decoder_features)
     finally:

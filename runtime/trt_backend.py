@@ -1,7 +1,7 @@
 """The TensorRT backend: engines from `gaze build`, behind the same `Backend` interface as ONNX Runtime.
 
 STATUS: this module has been exercised only against test doubles (a fake `tensorrt` module and a
-fake cuda-python runtime, tests/test_runtime_trt.py). It has never run on real TensorRT or a GPU;
+fake cuda-python runtime, tests/test_runtime_trt.py). Not run on TensorRT: it has never run on real TensorRT or a GPU;
 `test_greedy_tokens_equal_onnxruntime_on_tensorrt` is the test that must pass on a machine that has
 both before this path counts as verified.
 
@@ -16,13 +16,18 @@ What it does (docs/RUNTIME.md, "TensorRT backend"):
    prefill chunks, profile 1 decode steps) and vision.engine.
 3. Allocate device buffers once per cache shape: one buffer per layer for key, value and descriptor
    sums, bound to BOTH `past_key_values.{i}.*` and `present.{i}.*` (the plugin writes the T new
-   slots in place). Slot metadata, `write_offset`, embeddings and the gaze flags are copied host ->
-   device per call (only the slot columns this call writes); logits come back device -> host.
+   slots in place). The GazeAttention v2 layout tables (runtime/cache.py SlotState.tables(): slot_pos,
+   slot_valid, slot_region, slot_image, dense_slots, region_slots, region_count, region_last),
+   `write_offset`, `logits_positions`, embeddings and the gaze flags are copied host -> device per call
+   (of the tables only what changed since the last call, trt_plan.plan_table_copies); when SlotState
+   grows dense_slots the whole table is copied and re-bound at its new width. Logits of the
+   `logits_positions` columns come back device -> host.
 4. A decode step (T = 1) runs eagerly once (warm-up), is then captured in a CUDA graph and replayed;
-   the graph is re-captured when its key (profile, batch, T, buffer set) changes.
+   the graph is re-captured when its key (profile, batch, T, logits columns, dense_slots width, buffer
+   set) changes.
 
 Every decision that needs no TensorRT lives in plain functions in runtime/trt_plan.py (profile choice,
-cache length, buffer and binding plans, slot copies, prefill splits, the CUDA-graph rule; re-exported
+cache length, buffer and binding plans, table copies, prefill splits, the CUDA-graph rule; re-exported
 here) and export/trt_policy.py (supported versions 10.3 .. 11.x, the failed-dlopen message), tested without it.
 The class `TrtBackend` is the thin glue that applies them.
 """
@@ -56,15 +61,20 @@ from .folder import ExportFolder, ModelShape
 from .trt_plan import (  # noqa: F401 (re-exported: the plain decisions live in runtime/trt_plan.py)
     CAPTURE,
     EAGER,
+    FILL_BYTE,
+    LAYOUT_TABLES,
     REPLAY,
     SLOT_METADATA_BYTES,
     Binding,
     BufferSpec,
+    DeviceTables,
     GraphPolicy,
     ProfileRange,
     SlotCopy,
+    SubCall,
     cache_length,
     check_engine_io,
+    check_logits_positions,
     check_plugin_contract,
     choose_profile,
     kv_buffer,
@@ -72,6 +82,8 @@ from .trt_plan import (  # noqa: F401 (re-exported: the plain decisions live in 
     plan_decoder_bindings,
     plan_decoder_buffers,
     plan_slot_copies,
+    plan_sub_calls,
+    plan_table_copies,
     profile_range,
     split_prefill,
 )
@@ -422,7 +434,8 @@ class TrtBackend(Backend):
         self._vision_buffers: _DeviceBuffers | None = None
         self._generation = 0
         self._profile: int | None = None
-        self._bound: tuple[int, int, int, int] | None = None
+        self._bound: tuple[int, ...] | None = None
+        self._mirror: DeviceTables | None = None
         self._host_logits: dict[tuple[int, int], np.ndarray] = {}
         self._last_tokens = 0
         self.slots: SlotState | None = None
@@ -466,7 +479,8 @@ class TrtBackend(Backend):
         if count < 1:
             raise TensorRTRuntimeError("decoder.engine has no optimization profile; rebuild with `gaze build`")
         return [profile_range(p, e.get_tensor_profile_shape("inputs_embeds", p),
-                              e.get_tensor_profile_shape("past_key_values.0.key", p)) for p in range(count)]
+                              e.get_tensor_profile_shape("past_key_values.0.key", p),
+                              e.get_tensor_profile_shape("dense_slots", p)) for p in range(count)]
 
     def _engine_io(self, engine: Any) -> dict[str, tuple[bool, np.dtype[Any]]]:
         out = {}
@@ -536,19 +550,22 @@ class TrtBackend(Backend):
             self._generation += 1
             self._bound = None
         ptr = self._buffers.ptr
-        for name, buf in specs.items():  # zero everything; slot_region -1 (0xff bytes) beyond the written slots
-            self.cuda.memset_async(ptr[name], 0xFF if name == "slot_region" else 0, buf.nbytes, self.stream)
+        for name, buf in specs.items():  # zero everything; -1 (0xff bytes) where a fresh SlotState has -1
+            self.cuda.memset_async(ptr[name], FILL_BYTE.get(name, 0), buf.nbytes, self.stream)
         self.spec, self.slots, self.cache_len, self.max_tokens = spec, slots, cache_len, min(max_tokens, cache_len)
-        self._copy_slots(0, slots.capacity)
+        self._mirror = DeviceTables.empty(slots)
+        self._sync_tables()
         self.cuda.stream_synchronize(self.stream)
 
-    def _copy_slots(self, offset: int, tokens: int) -> None:
-        assert self.slots is not None and self._buffers is not None
-        host = {"slot_pos": self.slots.pos, "slot_region": self.slots.region, "slot_valid": self.slots.valid}
-        for c in plan_slot_copies(self.slots.pos.shape[0], self.slots.capacity, self.cache_len, offset, tokens):
-            src = host[c.buffer]
+    def _sync_tables(self) -> None:
+        """Copy what changed in the layout tables since the last call (trt_plan.plan_table_copies)."""
+        assert self.slots is not None and self._buffers is not None and self._mirror is not None
+        host = self.slots.tables()
+        self._host_tables = host  # the source arrays stay referenced until the stream is synchronized
+        for c in plan_table_copies(self.slots, self.cache_len, self._mirror):
             self.cuda.memcpy2d_htod_async(self._buffers.ptr[c.buffer] + c.dst_offset, c.dst_pitch,
-                                          _ptr(src) + c.src_offset, c.src_pitch, c.width, c.height, self.stream)
+                                          _ptr(host[c.buffer]) + c.src_offset, c.src_pitch, c.width, c.height,
+                                          self.stream)
 
     # ------------------------------------------------------------------ decoder calls
 
@@ -559,29 +576,37 @@ class TrtBackend(Backend):
         batch, tokens = embeds.shape[:2]
         if batch != self.spec.batch:
             raise InputError(f"a call of batch {batch} on a cache allocated for batch {self.spec.batch}")
-        # The v1 engines return logits of every column; the columns asked for are picked here.
-        positions = np.array([tokens - 1]) if logits_positions is None else np.asarray(logits_positions)
+        positions = check_logits_positions(logits_positions, tokens)
+        # The tables as the whole call sees them (as ONNX Runtime's single call does), also for split parts:
+        # a later part's tokens have larger positions and later images, so an earlier part never uses them.
+        self._sync_tables()
         if tokens <= self.max_tokens:
-            return np.asarray(self._run(embeds, gaze, write_offset))[:, positions]
+            return self._run(embeds, gaze, write_offset, positions)
         region = self.slots.region[:, write_offset:write_offset + tokens]
-        parts, begin = [], 0
-        for end in split_prefill(region, self.folder.shape.regions_per_image, self.max_tokens):
-            parts.append(np.array(self._run(embeds[:, begin:end], gaze[:, begin:end], write_offset + begin)))
-            begin = end
-        return np.concatenate(parts, 1)[:, positions]
+        ends = split_prefill(region, self.folder.shape.regions_per_image, self.max_tokens)
+        out = np.empty((batch, positions.size, self.folder.shape.vocab_size), dtype=self.dtype)
+        for part in plan_sub_calls(positions, ends):
+            cut = slice(part.begin, part.end)
+            logits = self._run(embeds[:, cut], gaze[:, cut], write_offset + part.begin, part.positions)
+            out[:, part.index] = logits[:, : part.index.size]
+        return out
 
-    def _run(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int) -> np.ndarray:
+    def _run(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int, positions: np.ndarray) -> np.ndarray:
         assert self._buffers is not None
         s, cuda, ctx, ptr, stream = self.folder.shape, self.cuda, self.context, self._buffers.ptr, self.stream
         batch, tokens = embeds.shape[:2]
         profile = choose_profile(self.profiles, batch, tokens)
         start = time.perf_counter()
-        # Inputs of this call (outside any graph): slot columns, write_offset, embeddings, gaze flags.
-        self._copy_slots(write_offset, tokens)
+        assert self._mirror is not None
+        dense, n = self._mirror.dense, int(positions.size)
+        # Inputs of this call (outside any graph; the tables were synced by decode): write_offset, logits
+        # columns, embeddings, gaze flags.
         self._offset = np.array([write_offset], dtype=np.int64)
+        self._positions = np.ascontiguousarray(positions, dtype=np.int64)
         self._embeds = np.ascontiguousarray(embeds, dtype=self.dtype)
         self._gaze = np.ascontiguousarray(gaze, dtype=np.bool_)
         cuda.memcpy_htod_async(ptr["write_offset"], _ptr(self._offset), 8, stream)
+        cuda.memcpy_htod_async(ptr["logits_positions"], _ptr(self._positions), self._positions.nbytes, stream)
         cuda.memcpy_htod_async(ptr["inputs_embeds"], _ptr(self._embeds), self._embeds.nbytes, stream)
         cuda.memcpy_htod_async(ptr["gaze"], _ptr(self._gaze), self._gaze.nbytes, stream)
         if profile != self._profile:
@@ -589,9 +614,9 @@ class TrtBackend(Backend):
                          f"set_optimization_profile_async({profile})")
             self._profile, self._bound = profile, None
             self._release_graph()  # conservative: a graph captured before a profile switch is not replayed after it
-        key = (profile, batch, tokens, self._generation)
-        if self._bound != key:
-            for b in plan_decoder_bindings(s, batch, self.cache_len, tokens, self.query_outputs):
+        key = (profile, batch, tokens, n, dense, self._generation)
+        if self._bound != key:  # a new shape, or dense_slots grew: re-bind (and re-capture the graph)
+            for b in plan_decoder_bindings(s, batch, self.cache_len, tokens, self.query_outputs, dense, n):
                 if b.is_input:
                     self._expect(ctx.set_input_shape(b.tensor, b.shape), f"set_input_shape({b.tensor}, {b.shape})")
                 self._expect(ctx.set_tensor_address(b.tensor, ptr[b.buffer]), f"set_tensor_address({b.tensor})")
@@ -602,9 +627,9 @@ class TrtBackend(Backend):
             cuda.graph_launch(self._graph_exec, stream)
         else:
             self._expect(ctx.execute_async_v3(stream), "execute_async_v3")
-        logits = self._host_logits.get((batch, tokens))
+        logits = self._host_logits.get((batch, n))
         if logits is None:
-            logits = self._host_logits[(batch, tokens)] = np.empty((batch, tokens, s.vocab_size), dtype=self.dtype)
+            logits = self._host_logits[(batch, n)] = np.empty((batch, n, s.vocab_size), dtype=self.dtype)
         cuda.memcpy_dtoh_async(_ptr(logits), ptr["logits"], logits.nbytes, stream)
         cuda.stream_synchronize(stream)
         if action == CAPTURE:
@@ -672,7 +697,7 @@ class TrtBackend(Backend):
             specs = self._buffers.specs.values()
             out["kv_cache"] = sum(b.nbytes for b in specs if b.name.startswith("kv.") and not b.name.endswith("desc"))
             out["descriptors"] = sum(b.nbytes for b in specs if b.name.endswith(".desc"))
-            out["slot_metadata"] = sum(b.nbytes for b in specs if b.name.startswith("slot_"))
+            out["slot_metadata"] = sum(b.nbytes for b in specs if b.name in LAYOUT_TABLES)
             out["io_buffers"] = sum(b.nbytes for b in specs) - out["kv_cache"] - out["descriptors"] \
                 - out["slot_metadata"]
         return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import os
 import sys
 import types
@@ -27,8 +28,9 @@ import pytest
 
 from gaze_edge.errors import GazeError
 from gaze_edge.export import engine_manifest as em
+from gaze_edge.export.node import DECODER_CALL_INPUTS
 from gaze_edge.runtime import trt_backend as tb
-from gaze_edge.runtime.backend import BackendError, create_backend
+from gaze_edge.runtime.backend import Backend, BackendError, create_backend
 from gaze_edge.runtime.cache import CacheSpec, SlotState
 from gaze_edge.runtime.folder import ModelShape
 
@@ -146,13 +148,18 @@ class _IOMode:
     INPUT, OUTPUT = "input", "output"
 
 
+I64, B1 = np.dtype(np.int64), np.dtype(np.bool_)
+
+
 def _decoder_io(shape: ModelShape) -> dict[str, tuple[str, Any]]:
-    """The decoder engine's I/O as docs/ONNX_CONTRACT.md lists it (written out, not taken from the plan)."""
+    """The v2 decoder engine's I/O as docs/ONNX_CONTRACT.md lists it (written out, not taken from the plan)."""
     dt = np.dtype(shape.dtype)
     io: dict[str, tuple[str, Any]] = {
-        "inputs_embeds": (_IOMode.INPUT, dt), "slot_pos": (_IOMode.INPUT, np.dtype(np.int64)),
-        "slot_region": (_IOMode.INPUT, np.dtype(np.int64)), "slot_valid": (_IOMode.INPUT, np.dtype(np.bool_)),
-        "gaze": (_IOMode.INPUT, np.dtype(np.bool_)), "write_offset": (_IOMode.INPUT, np.dtype(np.int64)),
+        "inputs_embeds": (_IOMode.INPUT, dt), "logits_positions": (_IOMode.INPUT, I64),
+        "write_offset": (_IOMode.INPUT, I64), "slot_pos": (_IOMode.INPUT, I64), "slot_valid": (_IOMode.INPUT, B1),
+        "slot_region": (_IOMode.INPUT, I64), "slot_image": (_IOMode.INPUT, I64), "gaze": (_IOMode.INPUT, B1),
+        "dense_slots": (_IOMode.INPUT, I64), "region_slots": (_IOMode.INPUT, I64),
+        "region_count": (_IOMode.INPUT, I64), "region_last": (_IOMode.INPUT, I64),
         "logits": (_IOMode.OUTPUT, dt)}
     for i in range(shape.num_layers):
         for kind in ("key", "value", "desc"):
@@ -164,16 +171,42 @@ def _decoder_io(shape: ModelShape) -> dict[str, tuple[str, Any]]:
     return io
 
 
+def _decoder_dims(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """The v2 decoder inputs' dims as decoder.onnx declares them (-1 dynamic; docs/ONNX_CONTRACT.md)."""
+    r, m = shape.num_regions, shape.max_region_tokens
+    dims = {"inputs_embeds": (-1, -1, shape.hidden_size), "logits_positions": (-1,), "write_offset": (1,),
+            "gaze": (-1, -1), "dense_slots": (-1, -1), "region_slots": (-1, r, m), "region_count": (-1, r),
+            "region_last": (-1, r), **{n: (-1, -1) for n in ("slot_pos", "slot_valid", "slot_region", "slot_image")}}
+    for i in range(shape.num_layers):
+        dims[f"past_key_values.{i}.key"] = dims[f"past_key_values.{i}.value"] = (-1, shape.kv_heads, -1,
+                                                                                 shape.head_dim)
+        dims[f"past_key_values.{i}.desc"] = (-1, shape.kv_heads, r, shape.head_dim)
+    return dims
+
+
+def _build_shapes(shape: ModelShape) -> Any:
+    """What `gaze build --max-batch MAX_BATCH --max-prefill MAX_PREFILL` reads from gaze_config.json."""
+    from gaze_edge.export import trt_build
+
+    prefill = FAKE_OPTIONS["max_prefill"]
+    return trt_build.BuildShapes(MAX_BATCH, prefill, shape.max_seq_len, shape.num_regions, MAX_IMAGES,
+                                 shape.image_size, shape.hidden_size, shape.kv_heads, shape.head_dim, shape.num_layers)
+
+
 # query_outputs: the fake decoder also outputs gaze_query.{i} (an export made with --gaze-map-outputs)
-FAKE_OPTIONS = {"query_outputs": False}
+# max_prefill: the engines' --max-prefill (the prefill profile's largest T)
+FAKE_OPTIONS: dict[str, Any] = {"query_outputs": False, "max_prefill": MAX_PREFILL}
 
 
 class FakeEngine:
-    def __init__(self, kind: str, shape: ModelShape, cudart: FakeCudart, log: list[tuple[Any, ...]]) -> None:
+    def __init__(self, kind: str, shape: ModelShape, cudart: FakeCudart, log: list[tuple[Any, ...]],
+                 io: dict[str, tuple[str, Any]] | None = None, dims: dict[str, tuple[int, ...]] | None = None) -> None:
         self.kind, self.shape, self.cudart, self.log = kind, shape, cudart, log
         s = shape
+        self.fed: list[dict[str, np.ndarray]] = []  # the decoder inputs of every execution, read from "device"
         if kind == "decoder":
-            self.io = _decoder_io(s)
+            self.io = io if io is not None else _decoder_io(s)
+            self.dims = dims if dims is not None else _decoder_dims(s)
             self.num_optimization_profiles = 2
         else:
             self.io = {"pixel_values": (_IOMode.INPUT, np.dtype(s.dtype)), "image_embeds": (_IOMode.OUTPUT,
@@ -197,13 +230,11 @@ class FakeEngine:
         if name == "pixel_values":
             return [(1, 3, s.image_size, s.image_size), (MAX_IMAGES, 3, s.image_size, s.image_size),
                     (MAX_IMAGES * MAX_BATCH, 3, s.image_size, s.image_size)]
-        t = MAX_PREFILL if profile == 0 else 1
-        if name == "inputs_embeds":
-            return [(1, 1, s.hidden_size), (MAX_BATCH, t, s.hidden_size), (MAX_BATCH, t, s.hidden_size)]
-        if name.startswith("past_key_values.") and not name.endswith("desc"):
-            kv = (s.kv_heads, s.max_seq_len, s.head_dim)
-            return [(1, *kv), (MAX_BATCH, *kv), (MAX_BATCH, *kv)]
-        raise AssertionError(name)
+        # The profiles `gaze build` gives an engine (export/trt_build.py decoder_profile): 0 prefill, 1 decode.
+        from gaze_edge.export import trt_build
+
+        return list(trt_build.decoder_profile(name, self.dims[name], _build_shapes(s),
+                                              "prefill" if profile == 0 else "decode"))
 
     def create_execution_context(self) -> FakeContext:
         return FakeContext(self)
@@ -225,10 +256,11 @@ class FakeContext:
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         self.log.append(("set_input_shape", self.engine.kind, name, tuple(shape)))
-        if name in ("inputs_embeds", "pixel_values"):
-            lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
-            if not all(a <= b <= c for a, b, c in zip(lo, shape, hi, strict=True)):
-                return False
+        if self.engine.io.get(name, ("",))[0] != _IOMode.INPUT:
+            return False
+        lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)  # every input, as TensorRT checks
+        if len(shape) != len(lo) or not all(a <= b <= c for a, b, c in zip(lo, shape, hi, strict=True)):
+            return False
         self.shapes[name] = tuple(shape)
         return True
 
@@ -252,12 +284,16 @@ class FakeContext:
         return True
 
     def _decoder(self) -> None:
-        """Toy decoder: logits peak at token (slot % V); new keys = embeddings (in place into past==present)."""
-        s = self.engine.shape
+        """Toy decoder: logits of column logits_positions[j] peak at token (its slot % V); new keys = embeddings
+        (in place into past==present). Every input is recorded as the engine reads it (`fed`)."""
+        s, io = self.engine.shape, self.engine.io
+        self.engine.fed.append({n: _view(self.addresses[n], self.shapes[n], io[n][1]).copy()
+                                for n, (mode, _) in io.items() if mode == _IOMode.INPUT and "past_key" not in n})
         b, t, h = self.shapes["inputs_embeds"]
         offset = int(_view(self.addresses["write_offset"], (1,), np.int64)[0])
+        positions = _view(self.addresses["logits_positions"], self.shapes["logits_positions"], np.int64)
         embeds = _view(self.addresses["inputs_embeds"], (b, t, h), s.dtype)
-        logits = _view(self.addresses["logits"], (b, t, s.vocab_size), s.dtype)
+        logits = _view(self.addresses["logits"], (b, positions.size, s.vocab_size), s.dtype)
         for i in range(s.num_layers):
             assert self.addresses[f"present.{i}.key"] == self.addresses[f"past_key_values.{i}.key"]
             key = _view(self.addresses[f"present.{i}.key"], self.shapes[f"past_key_values.{i}.key"], s.dtype)
@@ -266,7 +302,7 @@ class FakeContext:
             if f"gaze_query.{i}" in self.addresses:
                 query = _view(self.addresses[f"gaze_query.{i}"], (b, s.num_heads, t, s.head_dim), s.dtype)
                 query[...] = i + offset + np.arange(t)[None, None, :, None]
-        slots = offset + np.arange(t)
+        slots = offset + positions
         logits[...] = -np.abs(np.arange(s.vocab_size)[None, None, :] - (slots % s.vocab_size)[None, :, None])
 
     def _vision(self) -> None:
@@ -278,7 +314,8 @@ class FakeContext:
 
 
 def fake_tensorrt(cudart: FakeCudart, log: list[tuple[Any, ...]], shape: ModelShape = SHAPE,
-                  version: str = TRT_VERSION) -> types.ModuleType:
+                  version: str = TRT_VERSION, io: dict[str, tuple[str, Any]] | None = None,
+                  dims: dict[str, tuple[int, ...]] | None = None) -> types.ModuleType:
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version  # type: ignore[attr-defined]
 
@@ -303,13 +340,16 @@ def fake_tensorrt(cudart: FakeCudart, log: list[tuple[Any, ...]], shape: ModelSh
     registry = Registry()
 
     class Runtime:
+        engines: list[FakeEngine] = []
+
         def __init__(self, logger: Logger) -> None:
             pass
 
         def deserialize_cuda_engine(self, data: bytes) -> FakeEngine:
             kind = data.decode().removeprefix("fake-")
             log.append(("deserialize", kind))
-            return FakeEngine(kind, shape, cudart, log)
+            self.engines.append(FakeEngine(kind, shape, cudart, log, io, dims))
+            return self.engines[-1]
 
     trt.Logger = Logger  # type: ignore[attr-defined]
     trt.Runtime = Runtime  # type: ignore[attr-defined]
@@ -341,8 +381,8 @@ def make_folder(tmp_path: Path, shape: ModelShape = SHAPE, trt_version: str = TR
     em.write_manifest(engines, tensorrt_version=trt_version, gpu_arch=arch, gpu_name="Orin", plugin_path=plugin,
                       engines={"decoder": {"file": "decoder.engine", "profiles": ["prefill", "decode"]},
                                "vision": {"file": "vision.engine", "profiles": ["vision"]}}, shapes={})
-    # The plugin version this backend implements (v1): a v2 export is refused (test_refuses_a_v2_export).
-    config = {"gaze": {"node": {"plugin_version": "1"}}}
+    # The plugin version this backend implements (v2): a v1 export is refused (test_refuses_a_v1_export).
+    config = {"gaze": {"node": {"plugin_version": "2"}}}
     return types.SimpleNamespace(path=tmp_path, shape=shape, has_gaze_queries=False, config=config)
 
 
@@ -357,14 +397,18 @@ def doubles(monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[Any, ...]], Fak
 # ====================================================================== refusals
 
 
-def test_refuses_a_v2_export(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Exports of this release carry GazeAttention v2 nodes; the plugin and this backend are v1: refused first."""
+@pytest.mark.parametrize("version", ["1", "3", None])
+def test_refuses_a_v1_export(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, version: str | None) -> None:
+    """This backend binds the GazeAttention v2 inputs: a v1 export (or another version) is refused first, in one
+    line saying to re-export."""
     log: list[tuple[Any, ...]] = []
     install(monkeypatch, None, FakeCudart(log))
     folder = make_folder(tmp_path)
-    folder.config = {"gaze": {"node": {"plugin_version": "2"}}}
-    with pytest.raises(BackendError, match="plugin version 2.*--backend onnxruntime"):
+    folder.config = {"gaze": {"node": {"plugin_version": version}}} if version else {"gaze": {}}
+    with pytest.raises(BackendError, match=f"plugin version {version or '[?]'}.*re-export it with `gaze export`.*"
+                                           "--backend onnxruntime") as info:
         tb.TrtBackend(folder)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value) and ("older gaze-edge" in str(info.value)) is (version == "1")
     assert log == []
 
 
@@ -495,15 +539,29 @@ def test_binding_plan_binds_past_and_present_to_one_buffer_of_the_kv_formula() -
         for b in plan:  # every binding fits its buffer and has its dtype
             assert b.nbytes <= buffers[b.buffer].nbytes and b.dtype == buffers[b.buffer].dtype
         assert by_tensor["inputs_embeds"].shape == (2, tokens, SHAPE.hidden_size)
-        assert by_tensor["logits"].shape == (2, tokens, SHAPE.vocab_size)
         assert by_tensor["gaze_query.1"].shape == (2, SHAPE.num_heads, tokens, SHAPE.head_dim)
         expected = set(_decoder_io(SHAPE)) | {f"gaze_query.{i}" for i in range(SHAPE.num_layers)}
         assert set(by_tensor) == expected
+        assert by_tensor["logits"].shape == (2, 1, SHAPE.vocab_size)  # one logits column by default
+        wide = {b.tensor: b.shape for b in tb.plan_decoder_bindings(SHAPE, 2, spec.capacity, tokens, True, dense=32,
+                                                                    positions=tokens)}
+        assert wide["logits_positions"] == (tokens,) and wide["logits"] == (2, tokens, SHAPE.vocab_size)
+        assert wide["dense_slots"] == (2, 32) and wide["region_slots"] == (2, 4, SHAPE.max_region_tokens)
+    with pytest.raises(GazeError, match="logits of 2 columns"):
+        tb.plan_decoder_bindings(SHAPE, 2, spec.capacity, 1, True, positions=2)
+    with pytest.raises(BackendError, match="dense_slots of 64 columns"):  # the widest: 24 slots -> 32 columns
+        tb.plan_decoder_bindings(SHAPE, 2, spec.capacity, 1, True, dense=64)
     kv = sum(b.nbytes for n, b in buffers.items() if n.startswith("kv.") and not n.endswith("desc"))
     desc = sum(b.nbytes for n, b in buffers.items() if n.endswith(".desc"))
-    slots = sum(b.nbytes for n, b in buffers.items() if n.startswith("slot_"))
+    per_slot = sum(b.nbytes for n, b in buffers.items() if n.startswith("slot_"))
+    regions = sum(buffers[n].nbytes for n in ("region_slots", "region_count", "region_last"))
     assert kv == spec.kv_bytes == 2 * 2 * 2 * 1 * 24 * 4 * 4
-    assert desc == spec.desc_bytes and slots == spec.batch * spec.capacity * tb.SLOT_METADATA_BYTES
+    assert desc == spec.desc_bytes and per_slot == spec.batch * spec.capacity * (8 + 1 + 8 + 8)
+    assert buffers["dense_slots"].shape == (2, 32)  # the widest dense_slots: S rounded up to DENSE_STEP
+    assert regions == spec.batch * SHAPE.num_regions * (16 + 8 * SHAPE.max_region_tokens)
+    # the layout tables as runtime/cache.py counts them, except that dense_slots is allocated at its widest
+    assert per_slot + regions + buffers["dense_slots"].nbytes - spec.slot_bytes == 2 * (32 - 24) * 8
+    assert tb.SLOT_METADATA_BYTES == 33
     assert len([n for n in buffers if n.startswith("kv.")]) == 3 * SHAPE.num_layers  # one buffer, not two
 
 
@@ -535,6 +593,10 @@ def test_profile_choice_by_the_calls_token_count() -> None:
     with pytest.raises(BackendError, match="not 3"):
         tb.max_call_tokens(profiles, 3)
     assert tb.profile_range(1, [(1, 1, 8), (2, 1, 8), (2, 1, 8)], [(1, 1, 24, 4)] * 3) == decode
+    narrow = tb.profile_range(1, [(1, 1, 8), (2, 1, 8), (2, 1, 8)], [(1, 1, 24, 4)] * 3, [(1, 1), (2, 16), (2, 16)])
+    assert narrow.dense == (1, 16)
+    with pytest.raises(BackendError, match="dense_slots may grow to 32 columns.*at most 16"):
+        tb.cache_length([narrow], 10)
 
 
 def test_cache_length_follows_the_engine_profiles() -> None:
@@ -549,10 +611,84 @@ def test_cache_length_follows_the_engine_profiles() -> None:
 def test_slot_copies_move_only_the_columns_of_the_call() -> None:
     copies = tb.plan_slot_copies(batch=2, host_capacity=10, device_capacity=24, offset=7, tokens=1)
     assert [(c.buffer, c.dst_offset, c.dst_pitch, c.src_offset, c.src_pitch, c.width, c.height) for c in copies] == [
-        ("slot_pos", 56, 192, 56, 80, 8, 2), ("slot_region", 56, 192, 56, 80, 8, 2),
-        ("slot_valid", 7, 24, 7, 10, 1, 2)]
+        ("slot_pos", 56, 192, 56, 80, 8, 2), ("slot_valid", 7, 24, 7, 10, 1, 2),
+        ("slot_region", 56, 192, 56, 80, 8, 2), ("slot_image", 56, 192, 56, 80, 8, 2)]
     with pytest.raises(GazeError, match="do not fit"):
         tb.plan_slot_copies(2, 10, 24, 9, 2)
+
+
+def _apply(copies: list[Any], host: dict[str, np.ndarray], device: dict[str, np.ndarray]) -> None:
+    """cudaMemcpy2D of each copy, on numpy bytes (what FakeCudart does on fake device memory)."""
+    for c in copies:
+        src, dst = np.ascontiguousarray(host[c.buffer]).view(np.uint8).reshape(-1), device[c.buffer]
+        for row in range(c.height):
+            dst[c.dst_offset + row * c.dst_pitch:][: c.width] = src[c.src_offset + row * c.src_pitch:][: c.width]
+
+
+def test_table_copies_mirror_slotstate_through_images_and_dense_regrowth() -> None:
+    """Pure plan (no fakes): after each call's copies the device tables, read at their binding shapes, are the
+    SlotState tables ONNX Runtime binds; dense_slots is copied whole (and re-bound) only when it grew."""
+    shape = dataclasses.replace(SHAPE, max_seq_len=48)
+    batch, host_capacity, device_capacity = 2, 44, 48
+    specs = tb.plan_decoder_buffers(shape, batch, device_capacity, MAX_PREFILL, query_outputs=False)
+    device = {n: np.full(spec.nbytes, tb.FILL_BYTE.get(n, 0), np.uint8) for n, spec in specs.items()}
+    slots = SlotState(batch, host_capacity, shape.num_regions, shape.max_region_tokens)
+    mirror = tb.DeviceTables.empty(slots)
+    # row 1 is left-padded by 2; images: regions 0,1 (image 0) in the first chunk, regions 2,3 (image 1) later
+    valid = np.ones((batch, 9), bool)
+    valid[1, :2] = False
+    pos = np.clip(np.cumsum(valid, 1) - 1, 0, None)
+    region = np.array([[-1, -1, -1, 0, 1, 0, 1, -1, -1], [-1, -1, -1, -1, -1, 0, 1, 0, 1]])
+    image = np.where(region >= 0, 0, -1)
+    image[0, 7] = 0  # a context token after image 0
+    calls = [(pos, region, valid, image)]
+    calls.append((pos[:, -1:] + np.arange(1, 5), np.array([[2, 3, 3, 2]] * 2), np.ones((batch, 4), bool),
+                  np.ones((batch, 4), np.int64)))
+    for step in range(30):
+        calls.append((np.full((batch, 1), 13 + step), np.full((batch, 1), -1), np.ones((batch, 1), bool), None))
+    widths: list[int] = []
+    dense_copies: list[list[tuple[int, int]]] = []
+    region_copies: list[list[tuple[str, int, int]]] = []
+    for p, r, v, im in calls:
+        slots.write(p, r, v, im)
+        copies = tb.plan_table_copies(slots, device_capacity, mirror)
+        _apply(copies, slots.tables(), device)
+        dense_copies.append([(c.width, c.height) for c in copies if c.buffer == "dense_slots"])
+        region_copies.append([(c.buffer, c.dst_offset, c.width) for c in copies if c.buffer.startswith("region")])
+        widths.append(mirror.dense)
+        bound = {b.tensor: b for b in tb.plan_decoder_bindings(shape, batch, device_capacity, 1, False,
+                                                                dense=mirror.dense)}
+        for name, want in slots.tables().items():
+            b = bound[name]
+            got = device[name][: b.nbytes].view(b.dtype).reshape(b.shape)
+            if b.shape[1:] == want.shape[1:] or name == "dense_slots":
+                np.testing.assert_array_equal(got, want, err_msg=name)
+                assert got.shape == want.shape and got.dtype == want.dtype, name
+            else:  # per-slot tables: the engine's S is larger; the slots beyond this generation are empty
+                np.testing.assert_array_equal(got[:, :host_capacity], want, err_msg=name)
+                fresh = SlotState(batch, device_capacity - host_capacity, 1, 1).tables()[name]
+                np.testing.assert_array_equal(got[:, host_capacity:], fresh, err_msg=name)
+    assert int(slots.dense_count[0]) == 5 + 30 > 32 and widths[-1] == 64 and widths[0] == 32
+    grew = widths.index(64)
+    assert dense_copies[0] == [(32 * 8, batch)] and dense_copies[grew] == [(64 * 8, batch)]  # whole, new width
+    # other decode steps copy the new entries only: columns [min copied count, max count) = rows 2 apart
+    assert all(c == [(3 * 8, batch)] for i, c in enumerate(dense_copies[2:], 2) if i != grew)
+    m = shape.max_region_tokens
+    assert region_copies[0] == [("region_slots", 0, 2 * m * 8), ("region_count", 0, 16), ("region_last", 0, 16)]
+    assert region_copies[1] == [("region_slots", 2 * m * 8, 2 * m * 8), ("region_count", 16, 16),
+                                ("region_last", 16, 16)]  # image 1: regions 2, 3 only
+    assert not any(region_copies[2:])  # text tokens touch no region table
+    assert tb.plan_table_copies(slots, device_capacity, mirror) == []  # nothing changed since the last sync
+
+
+def test_sub_calls_scatter_logits_positions() -> None:
+    parts = tb.plan_sub_calls(np.array([11, 2, 3, 6]), [5, 7, 9, 12])
+    assert [(p.begin, p.end, p.positions.tolist(), p.index.tolist()) for p in parts] == [
+        (0, 5, [2, 3], [1, 2]), (5, 7, [1], [3]), (7, 9, [1], []), (9, 12, [2], [0])]
+    assert tb.check_logits_positions(None, 4).tolist() == [3]
+    for bad in (np.array([4]), np.array([], np.int64), np.array([-1])):
+        with pytest.raises(GazeError, match="not columns of a call of 4"):
+            tb.check_logits_positions(bad, 4)
 
 
 def test_prefill_split_never_cuts_an_image() -> None:
@@ -614,7 +750,7 @@ def test_glue_prefill_then_two_decode_steps_call_sequence(doubles: tuple[list[tu
     slots = SlotState(batch, capacity, SHAPE.num_regions, SHAPE.max_region_tokens)
     backend.allocate(spec, slots)
     mallocs = [e for e in log if e[0] == "malloc"]
-    assert len(mallocs) == 7 + 3 * SHAPE.num_layers  # past and present share: 3 buffers per layer, not 6
+    assert len(mallocs) == 13 + 3 * SHAPE.num_layers  # past and present share: 3 buffers per layer, not 6
     log.clear()
 
     rng = np.random.default_rng(0)
@@ -655,9 +791,14 @@ def test_glue_prefill_then_two_decode_steps_call_sequence(doubles: tuple[list[tu
     assert [e[0] for e in decode_log].count("begin_capture") == 1
     assert [e[0] for e in decode_log].count("graph_launch") == 1
     assert [e[0] for e in second].count("graph_launch") == 1 and "execute" not in [e[0] for e in second]
-    # per step only the written slot columns go host -> device (2-D copies of 8, 8 and 1 bytes per row)
-    assert [e for e in second if e[0] == "memcpy2d"] == [("memcpy2d", 8, batch), ("memcpy2d", 8, batch),
-                                                         ("memcpy2d", 1, batch)]
+    # per step only the written slot columns go host -> device (2-D copies of 8, 1, 8, 8 bytes per row: slot_pos,
+    # slot_valid, slot_region, slot_image) and the one new dense_slots entry (8 bytes per row); no region table
+    assert [e for e in second if e[0] == "memcpy2d"] == [("memcpy2d", 8, batch), ("memcpy2d", 1, batch),
+                                                         ("memcpy2d", 8, batch), ("memcpy2d", 8, batch),
+                                                         ("memcpy2d", 8, batch)]
+    # write_offset, logits_positions (one column), embeddings, gaze flags in; logits of one column out
+    assert [e[1:] for e in second if e[0] == "memcpy"] == [
+        ("h2d", 8), ("h2d", 8), ("h2d", batch * SHAPE.hidden_size * 4), ("h2d", batch), ("d2h", batch * 16 * 4)]
     # data flowed: logits back, write_offset in, KV written in place at the right slots (replay included)
     assert [s.argmax(-1)[:, 0].tolist() for s in step_logits] == [[length] * batch, [length + 1] * batch]
     assert backend._buffers is not None
@@ -751,6 +892,123 @@ def test_glue_binds_and_reads_back_gaze_query_outputs(doubles: tuple[list[tuple[
     assert queries is not None and [q.shape for q in queries] == [(1, SHAPE.num_heads, 1, SHAPE.head_dim)] * 2
     assert [float(q.flat[0]) for q in queries] == [4.0, 5.0]  # layer i + write_offset 4 of the replayed step
     assert backend.descriptor_sums(0).shape == (1, SHAPE.kv_heads, SHAPE.num_regions, SHAPE.head_dim)
+
+
+# ====================================================================== a real v2 export, against ONNX Runtime
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(bool)": np.bool_}
+
+
+def _onnx_io(session: Any) -> tuple[dict[str, tuple[str, Any]], dict[str, tuple[int, ...]]]:
+    """The decoder's I/O and input dims as decoder.onnx declares them (what TensorRT's parser would see)."""
+    io = {i.name: (_IOMode.INPUT, np.dtype(_ORT_TYPES[i.type])) for i in session.get_inputs()}
+    io.update({o.name: (_IOMode.OUTPUT, np.dtype(_ORT_TYPES[o.type])) for o in session.get_outputs()})
+    dims = {i.name: tuple(d if isinstance(d, int) else -1 for d in i.shape) for i in session.get_inputs()}
+    return io, dims
+
+
+class _Tee(Backend):
+    """Every call goes to the TensorRT backend (test doubles) and to ONNX Runtime, over the SAME SlotState; ONNX
+    Runtime's results are returned, so the generation follows the real model."""
+
+    name = "tee"
+
+    def __init__(self, ort: Any, trt: Any) -> None:
+        super().__init__(ort.folder)
+        self.ort, self.trt = ort, trt
+        self.ort_fed: list[dict[str, np.ndarray]] = []
+        self.trt_logits: list[np.ndarray] = []
+        bound: dict[str, Any] = {}
+        bind, run = ort.io.bind_ortvalue_input, ort.decoder.run_with_iobinding
+
+        def bind_input(name: str, value: Any) -> None:
+            bound[name] = value
+            bind(name, value)
+
+        def run_with_iobinding(io: Any, options: Any = None) -> None:  # record what ONNX Runtime is fed
+            self.ort_fed.append({n: np.array(v.numpy()) for n, v in bound.items() if "past_key" not in n})
+            run(io, options)
+
+        ort.io.bind_ortvalue_input = bind_input
+        ort.decoder.run_with_iobinding = run_with_iobinding
+
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray:
+        return self.ort.vision(pixel_values)
+
+    def allocate(self, spec: CacheSpec, slots: SlotState) -> None:
+        self.spec = spec
+        self.trt.allocate(spec, slots)
+        self.ort.allocate(spec, slots)
+
+    def decode(self, embeds: np.ndarray, gaze: np.ndarray, write_offset: int,
+               logits_positions: np.ndarray | None = None) -> np.ndarray:
+        self.trt_logits.append(np.array(self.trt.decode(embeds, gaze, write_offset, logits_positions)))
+        return self.ort.decode(embeds, gaze, write_offset, logits_positions)
+
+    def descriptor_sums(self, layer: int) -> np.ndarray:
+        return self.ort.descriptor_sums(layer)
+
+
+def test_v2_export_feeds_the_engine_exactly_what_onnxruntime_is_fed(
+        runtime_export: tuple[Path, Path], doubles: tuple[list[tuple[Any, ...]], FakeCudart], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Glue and plan on a real v2 export of the default checkpoint (test doubles for TensorRT/CUDA; NOT run on
+    TensorRT): over prefill chunks, the prompt-logits path and 40 decode steps (dense_slots grows past 32),
+    the decoder inputs the fake engine reads from "device" memory at execution (CUDA-graph replays included)
+    are the arrays ONNX Runtime is fed: same names, dtypes, values and shapes, except that the engine's cache
+    length S is max_seq_len (`gaze build` fixes it), so the per-slot tables are wider and the extra slots empty."""
+    from gaze_edge.model import scenes
+    from gaze_edge.runtime import GazeRuntime, Prompt, SamplingConfig
+    from gaze_edge.runtime.backend import OrtBackend
+    from gaze_edge.runtime.folder import ExportFolder
+
+    log, cudart = doubles
+    folder = ExportFolder.open(runtime_export[1])
+    ort = OrtBackend(folder, threads=1)
+    io, dims = _onnx_io(ort.decoder)
+    monkeypatch.setitem(FAKE_OPTIONS, "max_prefill", 256)  # every prefill chunk fits one engine call here
+    install(monkeypatch, fake_tensorrt(cudart, log, folder.shape, io=io, dims=dims), cudart)
+    fake = make_folder(tmp_path)  # an engines/ folder with a manifest
+    trt = tb.TrtBackend(folder, engine_dir=fake.path / "engines")
+    engine = trt.decoder_engine
+    tee = _Tee(ort, trt)
+    rt = GazeRuntime(folder, tee)
+    rng = np.random.default_rng(5)
+    images = [scenes.render(scenes.sample_scene(rng, held_out=True), folder.shape.image_size, rng)[0]
+              for _ in range(3)]
+    prompts = [Prompt(None, [images[0]]), Prompt(None, [images[1], images[2]])]
+    rt.prompt_logits(prompts, np.array([5, 6]), prefill_chunk=16)  # logits of every prompt column
+    rt.generate(prompts, SamplingConfig(max_new_tokens=40, ignore_eos=True), prefill_chunk=16)
+
+    assert len(engine.fed) == len(tee.ort_fed) == len(tee.trt_logits) > 45
+    s, capacity = folder.shape.max_seq_len, None
+    widths, replays = [], sum(e[0] == "graph_launch" for e in log)
+    for call, (got, want) in enumerate(zip(engine.fed, tee.ort_fed, strict=True)):
+        assert set(got) == set(want) == set(DECODER_CALL_INPUTS), call
+        for name, a in want.items():
+            b = got[name]
+            assert b.dtype == a.dtype, (call, name)
+            if name in ("slot_pos", "slot_valid", "slot_region", "slot_image"):
+                capacity = a.shape[1]
+                assert b.shape == (a.shape[0], s), (call, name)
+                np.testing.assert_array_equal(b[:, :capacity], a, err_msg=f"call {call}: {name}")
+                empty = SlotState(a.shape[0], s - capacity, 1, 1).tables()[name]
+                np.testing.assert_array_equal(b[:, capacity:], empty, err_msg=f"call {call}: {name}")
+            else:
+                assert b.shape == a.shape, (call, name)
+                np.testing.assert_array_equal(b, a, err_msg=f"call {call}: {name}")
+        widths.append(want["dense_slots"].shape[1])
+        positions = want["logits_positions"]
+        assert tee.trt_logits[call].shape == (2, positions.size, folder.shape.vocab_size)
+        # the toy engine's logits peak at (write_offset + position) % V: the columns asked for came back, in order
+        toy = (int(want["write_offset"][0]) + positions) % folder.shape.vocab_size
+        np.testing.assert_array_equal(tee.trt_logits[call].argmax(-1), np.broadcast_to(toy, (2, positions.size)))
+    assert max(want["logits_positions"].size for want in tee.ort_fed) > 1  # the prompt-logits path: all columns
+    assert 32 in widths and 64 in widths  # dense_slots grew during the decode steps, and was re-bound
+    assert replays > 30  # most decode steps replayed the CUDA graph (and still read the right tables)
+    trt.close()
 
 
 # ====================================================================== the real thing (TensorRT + GPU)

@@ -69,15 +69,37 @@ def test_this_machine_refuses_or_has_real_tensorrt() -> None:
         assert hasattr(trt, "Builder")
 
 
-def test_a_v2_export_is_refused_before_tensorrt_is_looked_for(tmp_path: Path) -> None:
-    """This release exports GazeAttention v2; libgaze_trt_plugin.so implements v1: `gaze build` says so first."""
-    (tmp_path / "gaze_config.json").write_text('{"gaze": {"node": {"plugin_version": "2"}}}')
+def _build_args(export: Path) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gaze")
     tb.add_build_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["build", str(tmp_path)])
-    with pytest.raises(tb.EngineBuildError, match="plugin version 2.*implement version 1 only"):
+    return parser.parse_args(["build", str(export)])
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    ("1", "plugin version 1, from an older gaze-edge; TensorRT engines .* need version 2: re-export it with "
+          "`gaze export`"),
+    ("3", "plugin version 3; .* implement version 2 only: re-export it"),
+    ("", "plugin version [?]; .* implement version 2 only"),
+])
+def test_a_v1_export_is_refused_in_one_line_before_tensorrt_is_looked_for(tmp_path: Path, version: str,
+                                                                          message: str) -> None:
+    """The profiles and bindings follow GazeAttention v2: a v1 export (or an unknown version) is refused first."""
+    node = {"plugin_version": version} if version else {}
+    (tmp_path / "gaze_config.json").write_text(json.dumps({"gaze": {"node": node}}))
+    args = _build_args(tmp_path)
+    with pytest.raises(tb.EngineBuildError, match=message) as info:
         args.func(args)
+    assert "\n" not in str(info.value)
     assert not (tmp_path / "engines").exists()
+
+
+def test_a_v2_export_gets_past_the_contract_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    (tmp_path / "gaze_config.json").write_text('{"gaze": {"node": {"plugin_version": "2"}}}')
+    args = _build_args(tmp_path)
+    with pytest.raises(tb.TensorRTMissingError):  # the next thing `gaze build` needs: TensorRT itself
+        args.func(args)
+    assert tb.GLUE_NODE_VERSION == tb.PLUGIN_VERSION == "2"
 
 
 def test_build_command_prints_the_refusal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -161,6 +183,56 @@ def test_decoder_profiles() -> None:
         ((1, 2, 64, 64), (4, 2, 64, 64), (4, 2, 64, 64))
     with pytest.raises(tb.EngineBuildError, match="input 'attention_mask'"):
         tb.decoder_profile("attention_mask", (-1, -1), s, "decode")
+
+
+def test_decoder_profiles_of_the_v2_inputs() -> None:
+    s = tb.shapes_from_config(config(1000), max_batch=4, max_prefill=256)
+    assert tb.dense_width(1000) == 1024 and tb.dense_width(5) == 32  # SlotState.DENSE_STEP columns at a time
+    assert tb.decoder_profile("slot_image", (-1, -1), s, "prefill") == ((1, 1000), (4, 1000), (4, 1000))
+    assert tb.decoder_profile("dense_slots", (-1, -1), s, "decode") == ((1, 1), (4, 1024), (4, 1024))
+    assert tb.decoder_profile("logits_positions", (-1,), s, "prefill") == ((1,), (1,), (256,))
+    assert tb.decoder_profile("logits_positions", (-1,), s, "decode") == ((1,), (1,), (1,))
+    assert tb.decoder_profile("region_slots", (-1, 64, 9), s, "decode") == ((1, 64, 9), (4, 64, 9), (4, 64, 9))
+    for name in ("region_count", "region_last"):
+        assert tb.decoder_profile(name, (-1, 64), s, "prefill") == ((1, 64), (4, 64), (4, 64))
+    with pytest.raises(tb.EngineBuildError, match="'region_slots' has a dynamic dim 2, which the export fixes"):
+        tb.decoder_profile("region_slots", (-1, 64, -1), s, "decode")
+    with pytest.raises(tb.EngineBuildError, match="'region_count' has dim 1 = 32, gaze_config.json says 64"):
+        tb.decoder_profile("region_count", (-1, 32), s, "decode")
+    with pytest.raises(tb.EngineBuildError, match="'dense_slots' has 3 dims"):
+        tb.decoder_profile("dense_slots", (-1, -1, 1), s, "decode")
+
+
+def test_profiles_cover_every_decoder_input_of_a_v2_export(runtime_export: tuple[Path, Path]) -> None:
+    """The inputs of a real v2 export's decoder.onnx (as TensorRT's parser sees them: -1 dynamic) all get a
+    prefill and a decode profile; the runtime's shapes of a generation lie inside (tests/test_runtime_trt.py
+    drives the backend through them)."""
+    onnx = pytest.importorskip("onnx")
+    from gaze_edge.runtime.folder import ExportFolder
+
+    export = runtime_export[1]
+    conf = json.loads((export / "gaze_config.json").read_text())
+    graph = onnx.load(str(export / conf["model"]["decoder"]["filename"]), load_external_data=False).graph
+    inputs = [(i.name, tuple(d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim))
+              for i in graph.input]
+    tb.check_plugin_contract(conf, export)  # a v2 export
+    s = tb.shapes_from_config(conf, max_batch=2, max_prefill=64)
+    prefill, decode = tb.decoder_profiles(inputs, s)
+    assert set(prefill) == set(decode) == {name for name, _ in inputs}
+    for ranges in (prefill, decode):
+        for name, dims in inputs:
+            lo, opt, hi = ranges[name]
+            assert len(lo) == len(dims) and all(a <= b <= c for a, b, c in zip(lo, opt, hi, strict=True)), name
+            assert all(d < 0 or a == c == d for d, a, c in zip(dims, lo, hi, strict=True)), name  # fixed stay
+    shape = ExportFolder.open(export).shape
+    assert prefill["region_slots"][2] == (2, shape.num_regions, shape.max_region_tokens)
+    assert prefill["dense_slots"][2] == (2, tb.dense_width(shape.max_seq_len))
+    assert prefill["logits_positions"][2] == (64,) and decode["logits_positions"][2] == (1,)
+    assert decode["inputs_embeds"][2] == (2, 1, shape.hidden_size)
+    with pytest.raises(tb.EngineBuildError, match=r"has no input\(s\) \['dense_slots'\].*re-run `gaze export`"):
+        tb.decoder_profiles([i for i in inputs if i[0] != "dense_slots"], s)
+    with pytest.raises(tb.EngineBuildError, match="input 'attention_mask'"):
+        tb.decoder_profiles([*inputs, ("attention_mask", (-1, -1))], s)
 
 
 def test_vision_profile() -> None:
