@@ -123,6 +123,7 @@ def main() -> None:
     p.add_argument("--model", choices=MODELS, default="onevision-0.5b")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--max-images", type=int, default=MAX_IMAGES)
+    p.add_argument("--max-seq-len", type=int, default=8192)
     p.add_argument("--work", type=Path, default=Path("/tmp/gaze-real"))
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -131,7 +132,7 @@ def main() -> None:
     p.add_argument("--clean", action="store_true", help="remove the exports afterwards")
     args = p.parse_args()
     start = time.perf_counter()
-    folders = export(args.work, args.layers, args.max_images, model_name=args.model)
+    folders = export(args.work, args.layers, args.max_images, max_seq_len=args.max_seq_len, model_name=args.model)
     print(f"exports ready in {time.perf_counter() - start:.0f} s", flush=True)
     rows = []
     for images in sorted({1, args.max_images}):

@@ -54,6 +54,12 @@ def _edit_config(path: Path, **changes) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
 
 
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
 def _edit_weights(path: Path, fn) -> None:
     state = load_file(str(path / "model.safetensors"))
     fn(state)
@@ -68,6 +74,8 @@ def _edit_weights(path: Path, fn) -> None:
         (lambda p: (p / "tokenizer.json").unlink(), "has no tokenizer.json"),
         (lambda p: (p / "config.json").write_text("{ not json"), "config.json is not valid JSON"),
         (lambda p: _edit_config(p, model_type="llama"), "model_type is 'llama'"),
+        (lambda p: _edit_json(p / "tokenizer_config.json", image_token="<|image_pad|>"),
+         r"tokenizer.json has no '<\|image_pad\|>' token"),
         (lambda p: _edit_config(p, num_key_value_heads=3), "multiple of num_key_value_heads"),
         (lambda p: _edit_config(p, gaze_top_k=[2, 2, 2]), "gaze_top_k has 3 entries"),
         (lambda p: _edit_config(p, hidden_size=0), "hidden_size must be a positive integer"),
