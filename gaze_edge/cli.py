@@ -98,6 +98,7 @@ REQUIRES: dict[str, tuple[str, ...]] = {
     "serve": ("onnxruntime", "fastapi", "uvicorn", "prometheus_client"),
     "bench": ("onnxruntime",),
     "convert": ("torch", "transformers"),
+    "finetune": ("torch", "transformers", "accelerate"),
 }
 
 
@@ -137,12 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.cli import add_export_parser
     from .export.trt_build import add_build_parser
     from .model.convert import add_convert_parser
+    from .model.finetune import add_finetune_parser
     from .runtime.bench import add_bench_parser
     from .runtime.cli import add_caption_parser, add_profile_parser
     from .runtime.commands import add_chat_serve_parsers
 
     add_export_parser(sub)
     add_convert_parser(sub)
+    add_finetune_parser(sub)
     add_build_parser(sub)
     add_caption_parser(sub)
     add_profile_parser(sub)
