@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU checks of the CUDA kernels, in one command (budget: <= 8 minutes on an H100/H200; the
-# step limits below add up to 460 s):
+# step limits below add up to 470 s):
 #   1. build libgaze_kernels.so for this GPU's architecture (CMake + nvcc; or $GAZE_KERNELS_LIB, prebuilt)
-#   2. the kernel suite tests/test_kernels.py on the GPU backend (CuPy or cuda-python; no torch)
-#   3. compute-sanitizer memcheck, racecheck and synccheck on a few of those cases
-#   4. bench/bench_kernels.py
+#   2. the kernel suite tests/test_kernels.py (v1 and v2 cases) on the GPU backend (CuPy or
+#      cuda-python; no torch), plus tests/test_bench_cuda.py
+#   3. compute-sanitizer memcheck, racecheck and synccheck on a few of those cases (v1 and v2)
+#   4. `gaze bench op --backend cuda` (gaze_forward_v2 vs torch SDPA flash; the dense column needs
+#      torch with CUDA, "-" without it)
 # Writes OUT/device_check.json (every step: command, exit status, seconds, verdict) and
 # OUT/device_check.log (everything printed), plus the JUnit XML, sanitizer logs and bench JSON.
 #
@@ -95,16 +97,21 @@ export GAZE_KERNELS_LIB=$LIB
 # ---- 2. kernel suite on the GPU -----------------------------------------------------------------
 export GAZE_KERNEL_BACKENDS=gpu GAZE_REQUIRE_GPU=1  # a skipped GPU case fails here
 if [ -n "$LIB" ] && [ -f "$LIB" ]; then
-  step suite 90 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py --junitxml="$OUT/kernels_gpu.xml"
+  step suite 100 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_bench_cuda.py \
+    --junitxml="$OUT/kernels_gpu.xml"
 
-  # ---- 3. compute-sanitizer on a few cases (decode, prefill with gaze queries, fp32 splits,
-  #         ties in a prefill chunk, 1024-region selection) ----------------------------------------
+  # ---- 3. compute-sanitizer on a few cases (v1: decode, prefill with gaze queries, fp32 splits,
+  #         ties in a prefill chunk, 1024-region selection; v2: both routings with own_image and a
+  #         300-slot spare cache (several splits), a whole-prompt call) -----------------------------
   CASES=(
     "tests/test_kernels.py::test_kernels_match_reference[gpu-float16-64-1-1-1-grid0-region0-images0-3]"
     "tests/test_kernels.py::test_kernels_match_reference[gpu-bfloat16-128-5-2-20-grid9-region9-images9-4]"
     "tests/test_kernels.py::test_fp32_split_merge[gpu-64]"
     "tests/test_kernels.py::test_exact_ties_in_prefill[gpu-12-9-float16]"
     "tests/test_kernels.py::test_many_regions[gpu-grid0-region0-float16]"
+    "tests/test_kernels.py::test_v2_tables_match_reference[gpu-bfloat16-64-4-300-kv_head-own_image]"
+    "tests/test_kernels.py::test_v2_tables_match_reference[gpu-float16-128-3-5-query_head-own_image]"
+    "tests/test_kernels.py::test_v2_whole_prompt_then_decode[gpu]"
   )
   for tool in memcheck racecheck synccheck; do
     if [ -n "$SANITIZER" ]; then
@@ -115,8 +122,9 @@ if [ -n "$LIB" ] && [ -f "$LIB" ]; then
     fi
   done
 
-  # ---- 4. benchmark ---------------------------------------------------------------------------
-  step bench 90 "$PY" bench/bench_kernels.py --lib "$LIB" --json "$OUT/bench_kernels.json"
+  # ---- 4. benchmark: gaze bench op --backend cuda (the grid: 729 / 4096 / 16384 visual tokens,
+  #         batch 1 / 8, head dim 64 / 128, 10% kept; the library from $GAZE_KERNELS_LIB) -------------
+  step bench-op 90 "$PY" -m gaze_edge.cli bench op --backend cuda --repeats 20 --json "$OUT/bench_op_cuda.json"
 else
   skip suite "no libgaze_kernels.so"
 fi

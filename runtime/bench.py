@@ -204,10 +204,26 @@ def _positive(text: str) -> int:
     return value[0]
 
 
+def _op_defaults(args: argparse.Namespace) -> None:
+    """Flags left unset take the backend's defaults: the CUDA grid is docs/KERNELS.md's (issue #12)."""
+    cuda = args.backend == "cuda"
+    if args.visual_tokens is None:
+        args.visual_tokens = [729, 4096, 16384] if cuda else [4096, 16384]
+    if args.batch is None:
+        args.batch = [1, 8] if cuda else [1, 4]
+    if args.head_dim is None:
+        args.head_dim = [64, 128] if cuda else [64]
+    if args.dtype is None:
+        args.dtype = "fp16" if cuda else "fp32"
+
+
 def run_op(args: argparse.Namespace) -> int:
-    cases = [OpCase(visual, args.keep, batch, args.kv_heads, args.group, args.head_dim, args.region_tokens,
+    _op_defaults(args)
+    if args.backend == "cuda":
+        return run_op_cuda(args)
+    cases = [OpCase(visual, args.keep, batch, args.kv_heads, args.group, dim, args.region_tokens,
                     args.text_tokens, args.dtype, args.routing)
-             for visual in args.visual_tokens for batch in args.batch]
+             for visual in args.visual_tokens for batch in args.batch for dim in args.head_dim]
     cache_bytes = max(2 * c.batch * c.kv_heads * c.length * c.head_dim * (2 if c.dtype == "fp16" else 4)
                       for c in cases)
     if cache_bytes > 8 << 30:
@@ -225,6 +241,70 @@ def run_op(args: argparse.Namespace) -> int:
               f"{r['ideal_ratio']:>6.2f}x {r['speedup_of_ideal']:>8.2f}", file=out, flush=True)
     console.write_json({"bench": "op", "backend": "onnxruntime-cpu", "threads": args.threads, "warmup": args.warmup,
                         "repeats": args.repeats, "machine": machine(), "results": rows}, args.json)
+    return 0
+
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA_LIB_ENV = "GAZE_KERNELS_LIB"  # libgaze_kernels.so for --backend cuda (default: the CMake build's)
+
+
+def _bench_kernels() -> Any:
+    """bench/bench_kernels.py of the checkout (the CUDA op bench lives beside the kernels it drives)."""
+    import importlib.util
+
+    path = REPO / "bench" / "bench_kernels.py"
+    if not path.is_file():
+        raise InputError(f"`gaze bench op --backend cuda` runs from a repository checkout ({path} is missing); "
+                         "run it from the gaze-edge repository")
+    spec = importlib.util.spec_from_file_location("gaze_bench_kernels", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gaze_bench_kernels", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_op_cuda(args: argparse.Namespace) -> int:
+    """`gaze bench op --backend cuda`: the CUDA kernels (gaze_forward_v2) against torch SDPA flash, one decode step.
+
+    Refuses in one line without a CUDA GPU (checked first) or without libgaze_kernels.so."""
+    import os
+
+    kb = _bench_kernels()
+    lib = Path(os.environ.get(CUDA_LIB_ENV) or kb.DEFAULT_LIB)
+    try:
+        backend = kb.gpu_backend(lib)
+    except kb.Refused as exc:
+        raise InputError(f"`gaze bench op --backend cuda` {exc} (or use --backend onnxruntime)") from None
+    dtype = {"fp16": "float16", "fp32": "float32"}[args.dtype]
+    copy_gbps = kb.copy_bandwidth(backend)
+    out = _table_stream(args)
+    print(f"{backend.rt.device_name()}: device copy {copy_gbps:.0f} GB/s", file=out, flush=True)
+    print(f"{'visual':>7} {'batch':>5} {'D':>4} {'R':>5} {'k':>4} {'gaze ms':>9} {'dense ms':>9} {'speedup':>8} "
+          f"{'ideal':>7} {'of ideal':>8} {'GB/s':>6} {'%copy':>6} {'select us':>9}", file=out, flush=True)
+    rows = []
+    for visual in args.visual_tokens:
+        for batch in args.batch:
+            for dim in args.head_dim:
+                r = kb.op_case(backend, batch=batch, visual=visual, head_dim=dim, kv_heads=args.kv_heads,
+                               group=args.group, region_tokens=args.region_tokens, text=args.text_tokens,
+                               keep=args.keep, dtype=dtype, routing=args.routing, iters=args.repeats,
+                               seed=0)
+                backend.free_all()
+                r["copy_gbps"] = copy_gbps
+                r["bandwidth_of_copy"] = r["gaze_gbps"] / copy_gbps
+                r["speedup_of_ideal"] = r["speedup"] / r["ideal_byte_ratio"] if r["speedup"] else None
+                rows.append(r)
+                print(f"{visual:>7} {batch:>5} {dim:>4} {r['regions']:>5} {r['top_k']:>4} {r['gaze_ms']:>9.4f} "
+                      f"{kb._fmt(r['dense_ms'], '>9.4f'):>9} {kb._fmt(r['speedup'], '>7.2f'):>7}x "
+                      f"{r['ideal_byte_ratio']:>6.2f}x {kb._fmt(r['speedup_of_ideal'], '>8.2f'):>8} "
+                      f"{r['gaze_gbps']:>6.0f} {100 * r['bandwidth_of_copy']:>5.0f}% {r['select_us']:>9.1f}",
+                      file=out, flush=True)
+    console.write_json({"bench": "op", "backend": "cuda", "device": backend.rt.device_name(),
+                        "repeats": args.repeats, "copy_gbps": copy_gbps,
+                        "machine": {"python": platform.python_version(), "machine": platform.machine(),
+                                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
+                        "results": rows}, args.json)
     return 0
 
 
@@ -296,17 +376,21 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="bench_command", required=True)
     op = sub.add_parser("op", help="one GazeAttention layer, gaze vs dense decode step over the same cache",
                         formatter_class=console.HelpFormatter)
-    op.add_argument("--visual-tokens", type=_ints, default=[4096, 16384], help="comma-separated list")
+    op.add_argument("--visual-tokens", type=_ints, default=None,
+                    help="comma-separated list (default 4096,16384; cuda: 729,4096,16384)")
     op.add_argument("--keep", type=_fraction, default=0.1, help="fraction of regions each gaze query keeps")
-    op.add_argument("--batch", type=_ints, default=[1, 4], help="sequences per batch: a comma-separated list")
+    op.add_argument("--batch", type=_ints, default=None,
+                    help="sequences per batch: a comma-separated list (default 1,4; cuda: 1,8)")
     op.add_argument("--kv-heads", type=_positive, default=2)
     op.add_argument("--group", type=_positive, default=7, help="query heads per KV head")
-    op.add_argument("--head-dim", type=_positive, default=64)
+    op.add_argument("--head-dim", type=_ints, default=None, help="comma-separated list (default 64; cuda: 64,128)")
     op.add_argument("--region-tokens", type=_positive, default=36, help="tokens per region (6 x 6)")
     op.add_argument("--text-tokens", type=_positive, default=64, help="dense tokens in the cache")
-    op.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    op.add_argument("--dtype", choices=("fp32", "fp16"), default=None, help="default fp32; cuda: fp16")
     op.add_argument("--routing", choices=("kv_head", "query_head"), default="kv_head")
-    op.add_argument("--backend", choices=("onnxruntime",), default="onnxruntime")
+    op.add_argument("--backend", choices=("onnxruntime", "cuda"), default="onnxruntime",
+                    help="onnxruntime (CPU, the exported node) or cuda (the CUDA kernels vs torch SDPA flash; "
+                         "needs a GPU, CuPy or cuda-python, libgaze_kernels.so or $GAZE_KERNELS_LIB)")
     _timing_flags(op)
     op.set_defaults(func=run_op)
     dec = sub.add_parser("decode", help="decode loop of an export, gaze vs dense steps",

@@ -237,7 +237,8 @@ def test_the_poisoned_section_holds_only_shared_variables() -> None:
     local_static = re.compile(r"^(guard variable for )?gaze::launch::\(anonymous namespace\)::\w+_kernel\b.*\)::\w+$")
     strays = [n for n in names if not local_static.match(n)]
     assert not strays, f"not __shared__ statics of a kernel, yet poisoned before every block: {strays}"
-    assert any(n.endswith("::keys") for n in names) and any(n.endswith("::red_acc") for n in names)
+    for shared in ("::keys", "::sh", "::slot_s", "::region_s"):  # select, decode (a union and a tile), descriptors
+        assert any(n.endswith(shared) for n in names), shared
 
 
 def test_kernels_build_at_o2_with_strict_aliasing() -> None:

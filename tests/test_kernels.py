@@ -483,16 +483,32 @@ def test_invalid_slots_with_stale_regions_are_ignored(backend: gb.Backend, dtype
 
 @pytest.mark.parametrize("dim", [64, 128])
 def test_fp32_split_merge(backend: gb.Backend, dim: int) -> None:
-    """fp32 decode with several splits (the float4 path through partials and the merge kernel)."""
+    """fp32 decode with several splits (the float4 path through partials and the merge kernel).
+
+    The decode kernel uses min(planned splits, ceil(list length / 64)) splits per query (issue #12),
+    so the gaze lists must be long: 40 regions of 4 tokens (> 2 x 64 entries) keep several splits
+    non-empty. (With top_k = 8 the mutant "merge: only the first split" went unnoticed.)"""
     case = make_case(fresh_seed(), batch=2, kv_heads=2, group=4, dim=dim, grid=(12, 12), region=(2, 2),
-                     images=(1, 2), query_len=2, top_k=8)
+                     images=(1, 2), query_len=2, top_k=40)
     got = run_calls(backend, case, "float32", extra_slots=300)[0]
-    assert got["splits"] > 1
+    assert got["splits"] > 2
+    assert got["nsel"].max() * 4 > 2 * 64, "some gaze query's list must fill more than two splits"
 
 
 # ---- node v2: the runtime's layout tables (gaze_forward_v2) ---------------------------------------
 
 from gaze_edge.runtime.cache import SlotState  # noqa: E402
+
+
+def workspace_size_v2(lib: gk.GazeKernels, problem: gk.Problem) -> int:
+    """gaze_workspace_size_v2 (node v2's workspace: no slot index) through the C ABI."""
+    import ctypes
+
+    fn = lib.lib.gaze_workspace_size_v2
+    fn.restype, fn.argtypes = ctypes.c_int32, [ctypes.POINTER(gk.Problem), ctypes.POINTER(ctypes.c_uint64)]
+    out = ctypes.c_uint64()
+    assert fn(ctypes.byref(problem), ctypes.byref(out)) == 0, lib.last_error()
+    return out.value
 
 
 def run_v2(backend: gb.Backend, case: GazeCase, dtype: str, chunks: list[int], spare_slots: int = 5,
@@ -559,7 +575,9 @@ def _run_v2(backend: gb.Backend, case: GazeCase, dtype: str, chunks: list[int], 
         nsel = backend.upload(np.full((B, Hsel, T), -2, np.int32))
         problem = gk.Problem(batch=B, new_tokens=T, cache_len=S, num_regions=R, q_heads=Hq, kv_heads=Hkv,
                              head_dim=D, dtype=gk.DTYPE_CODES[dtype], top_k=case.top_k, max_region_tokens=mrt)
-        ws_bytes = lib.workspace_size(problem)
+        # Exactly node v2's workspace (smaller than v1's): the CPU backend's guard pages fault on an overrun.
+        ws_bytes = workspace_size_v2(lib, problem)
+        assert ws_bytes < lib.workspace_size(problem)
         ws = backend.upload(np.zeros(ws_bytes, np.uint8))
         base = gk.Tensors(q_d.ptr, new_k.ptr, new_v.ptr, cache_k.ptr, cache_v.ptr, desc.ptr, up["slot_pos"].ptr,
                           up["slot_region"].ptr, up["slot_valid"].ptr, gz.ptr, off.ptr, out.ptr, cache_k.ptr,
@@ -700,6 +718,44 @@ def test_v2_refuses_a_separate_present(backend: gb.Backend) -> None:
     # The v1 entry point has no tables: it refuses the v2 attributes instead of ignoring them.
     with pytest.raises(gk.GazeKernelError, match="gaze_forward_v2"):
         backend.lib.forward(problem, gk.Attrs(1, M, 0.125, 1, 0), base, ws.ptr, ws_bytes, backend.stream)
+
+
+def test_v2_workspace_has_no_slot_index(backend: gb.Backend) -> None:
+    """Node v2's workspace drops v1's slot-index arrays: B x (R x (12 + 4 M) + 8 S) bytes fewer (up to
+    alignment) at the issue's example shape, never more than v1's anywhere, and a v2 call with one
+    byte less than it needs is refused (before anything is launched)."""
+    lib = backend.lib
+    big = gk.Problem(batch=8, new_tokens=1, cache_len=16385, num_regions=4096, q_heads=32, kv_heads=8, head_dim=128,
+                     dtype=gk.F16, top_k=410, max_region_tokens=4)
+    saved = lib.workspace_size(big) - workspace_size_v2(lib, big)
+    B, S, R, M = 8, 16385, 4096, 4
+    assert abs(saved - B * (R * (4 + 8 + 4 * M) + 2 * S * 4 + 2 * 4)) <= 8 * 256
+    for T, S2, R2, k in [(1, 40, 9, 3), (5, 700, 64, 7), (64, 300, 300, 30), (200, 4000, 4096, 400)]:
+        p = gk.Problem(batch=2, new_tokens=T, cache_len=S2, num_regions=R2, q_heads=6, kv_heads=2, head_dim=64,
+                       dtype=gk.F32, top_k=k, max_region_tokens=16)
+        assert 0 < workspace_size_v2(lib, p) < lib.workspace_size(p)
+    case = _v2_case("kv_head", "causal")
+    B, Hq, T, D = case.q.shape[0], case.q.shape[1], 1, case.q.shape[3]
+    Hkv, S, R, M = case.k.shape[1], 16, case.num_regions, 4
+    up = backend.upload
+    q, new = up(np.zeros((B, Hq, T, D), np.float32)), up(np.zeros((B, Hkv, T, D), np.float32))
+    cache, desc = up(np.zeros((B, Hkv, S, D), np.float32)), up(np.zeros((B, Hkv, R, D), np.float32))
+    i64, valid = up(np.zeros((B, S), np.int64)), up(np.ones((B, S), bool))
+    gz, off = up(np.zeros((B, T), bool)), up(np.array([0], np.int64))
+    dense, rs = up(np.full((B, 4), -1, np.int64)), up(np.full((B, R, M), -1, np.int64))
+    rc, rl = up(np.zeros((B, R), np.int64)), up(np.full((B, R), -1, np.int64))
+    out = up(np.zeros((B, Hq, T, D), np.float32))
+    problem = gk.Problem(batch=B, new_tokens=T, cache_len=S, num_regions=R, q_heads=Hq, kv_heads=Hkv, head_dim=D,
+                         dtype=gk.F32, top_k=2, max_region_tokens=M)
+    need = workspace_size_v2(lib, problem)
+    ws = up(np.zeros(need, np.uint8))
+    base = gk.Tensors(q.ptr, new.ptr, new.ptr, cache.ptr, cache.ptr, desc.ptr, i64.ptr, i64.ptr, valid.ptr, gz.ptr,
+                      off.ptr, out.ptr, cache.ptr, cache.ptr, desc.ptr)
+    t = gk.TensorsV2(base, i64.ptr, dense.ptr, rs.ptr, rc.ptr, rl.ptr, 4)
+    with pytest.raises(gk.GazeKernelError, match=f"smaller than the {need}"):
+        lib.forward_v2(problem, gk.Attrs(2, M, 0.125), t, ws.ptr, need - 1, backend.stream)
+    lib.forward_v2(problem, gk.Attrs(2, M, 0.125), t, ws.ptr, need, backend.stream)
+    assert lib.device_errors(problem, ws.ptr, backend.stream) == 0
 
 
 def test_v2_descriptor_sums_are_bit_identical(backend: gb.Backend) -> None:

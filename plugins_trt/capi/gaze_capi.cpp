@@ -172,6 +172,14 @@ int32_t gaze_workspace_size(const gaze_problem_t* problem, uint64_t* bytes) {
   });
 }
 
+int32_t gaze_workspace_size_v2(const gaze_problem_t* problem, uint64_t* bytes) {
+  return guarded([&] {
+    if (bytes == nullptr) return fail(GAZE_ERR_INVALID, "bytes pointer is null");
+    *bytes = gaze::workspace_size_v2(to_problem(problem));
+    return int32_t(GAZE_OK);
+  });
+}
+
 int32_t gaze_plan_splits(const gaze_problem_t* problem, int32_t num_sms, int32_t* splits) {
   return guarded([&] {
     if (splits == nullptr) return fail(GAZE_ERR_INVALID, "splits pointer is null");

@@ -125,14 +125,13 @@ __device__ __forceinline__ QueryInfo query_info(const Meta& m, const Dims& d, in
 // warp has kUnroll independent (index -> K/V) load chains outstanding instead of one.
 constexpr int kUnroll = 4;
 
-// Slot of entry i of a query's key list, or false if the entry is masked. Gaze query: the valid
-// dense slots (position <= p) followed by n_sel * mrt entries for its selected regions (entries
-// past a ragged region's count are skipped); dense query: every valid slot with position <= p.
-// Node v2 (idx.v2): the gaze query's dense entries come from the runtime's dense_slots (-1 padding
-// masked) and its regions from region_slots; a dense query's list is the written prefix
-// [0, write_offset + T) in slot order, masked by validity, position and (own_image) image.
-__device__ __forceinline__ bool key_slot(const AttentionArgs& a, const Dims& d, const QueryInfo& q, int b,
-                                         size_t bhq, int n_dense, int i, int* slot) {
+// Slot of entry i (< n_dense for a gaze query) of a query's key list, or false if the entry is
+// masked. Gaze query: the dense part (v1: the valid dense slots; v2: the runtime's dense_slots, -1
+// padding masked), position <= p; its region part is resolved by region_entry. Dense query: v1 every
+// valid slot with position <= p; v2 the written prefix [0, write_offset + T) in slot order, masked by
+// validity, position and (own_image) image.
+__device__ __forceinline__ bool key_slot(const AttentionArgs& a, const Dims& d, const QueryInfo& q, int b, int i,
+                                         int* slot) {
   const int64_t* pos = a.meta.slot_pos + size_t(b) * d.S;
   if (a.idx.v2) {
     if (!q.is_gaze) {
@@ -140,42 +139,55 @@ __device__ __forceinline__ bool key_slot(const AttentionArgs& a, const Dims& d, 
       *slot = i;
       return a.meta.slot_valid[at] && pos[i] <= q.pos && (!q.own || a.meta.slot_image[at] == q.image);
     }
-    if (i < n_dense) {
-      const int64_t s = a.idx.t_dense[size_t(b) * a.idx.N + i];
-      if (s < 0 || s >= d.S) return false;
-      *slot = int(s);
-      return pos[s] <= q.pos;
-    }
-    const int j = i - n_dense, jr = j / d.mrt, jj = j % d.mrt;
-    const size_t br = size_t(b) * d.R + a.sel[bhq * d.kmax + jr];
-    if (jj >= min(a.idx.count(br), d.mrt)) return false;
-    const int64_t s = a.idx.t_region_slots[br * d.mrt + jj];
+    const int64_t s = a.idx.t_dense[size_t(b) * a.idx.N + i];
     if (s < 0 || s >= d.S) return false;
     *slot = int(s);
-    return true;
+    return pos[s] <= q.pos;
   }
-  if (!q.is_gaze) {
-    *slot = a.idx.valid_slots[size_t(b) * d.S + i];
-    return pos[*slot] <= q.pos;
-  }
-  if (i < n_dense) {
-    *slot = a.idx.dense_slots[size_t(b) * d.S + i];
-    return pos[*slot] <= q.pos;
-  }
-  const int j = i - n_dense, jr = j / d.mrt, jj = j % d.mrt;
-  const size_t br = size_t(b) * d.R + a.sel[bhq * d.kmax + jr];
-  if (jj >= min(a.idx.region_count[br], d.mrt)) return false;
-  *slot = a.idx.region_slots[br * d.mrt + jj];
-  return true;
+  *slot = q.is_gaze ? a.idx.dense_slots[size_t(b) * d.S + i] : a.idx.valid_slots[size_t(b) * d.S + i];
+  return pos[*slot] <= q.pos;
 }
 
-// Grid (splits, Hkv, B * qc): one block per split of one query's key list (see key_slot).
+// Entry jj (< min(count, mrt)) of region row br's slot list, or -1 (v2: a slot outside [0, S)).
+__device__ __forceinline__ int region_entry(const AttentionArgs& a, const Dims& d, size_t br, int jj) {
+  if (!a.idx.v2) return a.idx.region_slots[br * d.mrt + jj];
+  const int64_t s = a.idx.t_region_slots[br * d.mrt + jj];
+  return s >= 0 && s < d.S ? int(s) : -1;
+}
+
+// List entries whose slots one tile resolves (one per thread) before the warps load their K/V rows.
+constexpr int kKeyTile = kDecodeWarps * 32;
+// Fewest list entries worth a split of their own: a query whose real list is short uses fewer of
+// the planned splits (the rest write empty partials).
+constexpr int kMinEntriesPerSplit = 64;
+
+// The decode kernel's shared arrays that are never live at the same time: the selected regions'
+// list offsets (prologue and key loop) and the warps' partial accumulators (final reduction).
+template <int D>
+union DecodeShared {
+  float red_acc[kDecodeWarps][kMaxGroup][D];
+  int32_t sel_start[kMaxRegions + 1];
+};
+
+// Grid (splits, Hsel, B * qc): one block per split of one query's key list. The list of a gaze query
+// is its dense part (n_dense entries) followed by the real slots of its selected regions (min(count,
+// mrt) each, no padding): the prologue scans the regions' counts into sel_start, so the list length,
+// and with it the split ranges, are the real ones, and a list entry maps to (region, offset) by a
+// binary search in shared memory (no divide). Tiles of kKeyTile entries are resolved to slots by the
+// whole block at once (index loads issued together, once per key rather than once per lane), then
+// each lane group issues the K/V loads of kUnroll keys before using any.
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(AttentionArgs a, Dims d) {
   using Sh = Shape<T, D>;
   constexpr int kVec = Sh::kVec;
+  constexpr int kThreads = kDecodeWarps * 32;
+  constexpr int kStep = kDecodeWarps * Sh::kKeysPerWarp;  // keys the block covers per unrolled slice
+  static_assert(kKeyTile % (kStep * kUnroll) == 0, "a tile must hold whole unrolled slices");
   __shared__ __align__(16) float q_s[kMaxGroup * D];
-  __shared__ float red_acc[kDecodeWarps][kMaxGroup][D];
+  __shared__ DecodeShared<D> sh;
+  __shared__ int32_t slot_s[kKeyTile];
+  __shared__ int32_t warp_sum[kDecodeWarps];
+  __shared__ int32_t n_sel_s;  // selected regions of a gaze query
   __shared__ float red_m[kDecodeWarps][kMaxGroup], red_l[kDecodeWarps][kMaxGroup];
 
   // blockIdx.y: selection head hs (see select_kernel): kv_head routing serves the G query heads of
@@ -189,48 +201,104 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(AttentionArgs
   if (!q.is_gaze && !a.handle_dense) return;  // block-uniform: the prefill kernel owns this query
 
   const T* query = static_cast<const T*>(a.query);
-  for (int e = tid; e < ng * D; e += blockDim.x) {
+  for (int e = tid; e < ng * D; e += kThreads) {
     const int g = e / D, dd = e % D;
     q_s[e] = dev::to_float(query[((size_t(b) * d.Hq + h * d.G + g0 + g) * d.T + t) * D + dd]);
   }
   const size_t bhq = (size_t(b) * d.Hsel + hs) * a.qc + qi;
   const int n_dense = a.idx.v2 ? a.idx.N : a.idx.n_dense[b];
   int length = 0;
-  if (q.in_range) {
-    const int n_all = a.idx.v2 ? prefix_len(a.meta, d) : a.idx.n_valid[b];
-    length = q.is_gaze ? n_dense + a.n_sel[bhq] * d.mrt : n_all;
+  if (q.is_gaze) {  // block-uniform: sel_start = exclusive prefix of the selected regions' real counts
+    const int32_t* sel = a.sel + bhq * d.kmax;
+    const int n_sel = a.n_sel[bhq];
+    const int per = (n_sel + kThreads - 1) / kThreads, lo = min(n_sel, tid * per), hi = min(n_sel, lo + per);
+    int mine = 0;
+    for (int i = lo; i < hi; ++i) {
+      const int c = min(a.idx.count(size_t(b) * d.R + sel[i]), d.mrt);
+      sh.sel_start[i] = c > 0 ? c : 0;
+      mine += c > 0 ? c : 0;
+    }
+    int incl = mine;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const int n = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += n;
+    }
+    if (lane == 31) warp_sum[warp] = incl;
+    __syncthreads();
+    int run = incl - mine, total = 0;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) {
+      run += w < warp ? warp_sum[w] : 0;
+      total += warp_sum[w];
+    }
+    for (int i = lo; i < hi; ++i) {
+      const int c = sh.sel_start[i];
+      sh.sel_start[i] = run;
+      run += c;
+    }
+    if (tid == 0) {
+      sh.sel_start[n_sel] = total;
+      n_sel_s = n_sel;
+    }
+    length = n_dense + total;
+  } else if (q.in_range) {
+    length = a.idx.v2 ? prefix_len(a.meta, d) : a.idx.n_valid[b];
   }
-  const int chunk = (length + a.splits - 1) / a.splits;
+  // Splits sized by the real list: at most a.splits, none with fewer than kMinEntriesPerSplit entries.
+  const int used = max(1, min(a.splits, (length + kMinEntriesPerSplit - 1) / kMinEntriesPerSplit));
+  const int chunk = (length + used - 1) / used;
   const int begin = min(length, split * chunk), end = min(length, begin + chunk);
-  __syncthreads();
 
   const T* kc = static_cast<const T*>(a.key_cache);
   const T* vc = static_cast<const T*>(a.value_cache);
   const size_t head_base = (size_t(b) * d.Hkv + h) * d.S;
   const int grp = lane / Sh::kLanes, lig = lane % Sh::kLanes;
-  constexpr int kStep = kDecodeWarps * Sh::kKeysPerWarp;  // keys the block covers per unrolled slice
   SoftmaxState<kVec> st;
   st.init();
-  for (int base = begin; base < end; base += kStep * kUnroll) {  // block-uniform trip count
-    uint4 kraw[kUnroll], vraw[kUnroll];
-    bool has[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int i = base + u * kStep + warp * Sh::kKeysPerWarp + grp;
-      int slot = 0;
-      has[u] = i < end && key_slot(a, d, q, b, bhq, n_dense, i, &slot);
-      if (has[u]) {
-        const size_t row = (head_base + slot) * D + lig * kVec;
-        kraw[u] = dev::load_raw16(kc + row);
-        vraw[u] = dev::load_raw16(vc + row);
-      } else {
-        kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
+  for (int tile = begin; tile < end; tile += kKeyTile) {  // block-uniform trip count
+    __syncthreads();  // the previous tile is consumed (q_s and sel_start written before the first)
+    {
+      const int i = tile + tid;
+      int slot = -1;
+      if (i < end) {
+        if (q.is_gaze && i >= n_dense) {
+          const int j = i - n_dense;
+          int lo = 0, hi = n_sel_s;  // sel_start[lo] <= j < sel_start[hi] (= total)
+          while (hi - lo > 1) {
+            const int mid = (lo + hi) >> 1;
+            if (sh.sel_start[mid] <= j) lo = mid;
+            else hi = mid;
+          }
+          slot = region_entry(a, d, size_t(b) * d.R + a.sel[bhq * d.kmax + lo], j - sh.sel_start[lo]);
+        } else if (!key_slot(a, d, q, b, i, &slot)) {
+          slot = -1;
+        }
       }
+      slot_s[tid] = slot;
     }
+    __syncthreads();
+    for (int base = 0; base < kKeyTile && tile + base < end; base += kStep * kUnroll) {  // block-uniform
+      uint4 kraw[kUnroll], vraw[kUnroll];
+      bool has[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) attend_raw<T, D>(st, q_s, ng, kraw[u], vraw[u], has[u], lig, a.scale);
+      for (int u = 0; u < kUnroll; ++u) {
+        const int slot = slot_s[base + u * kStep + warp * Sh::kKeysPerWarp + grp];
+        has[u] = slot >= 0;
+        if (has[u]) {
+          const size_t row = (head_base + slot) * D + lig * kVec;
+          kraw[u] = dev::load_raw16(kc + row);
+          vraw[u] = dev::load_raw16(vc + row);
+        } else {
+          kraw[u] = vraw[u] = make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) attend_raw<T, D>(st, q_s, ng, kraw[u], vraw[u], has[u], lig, a.scale);
+    }
   }
   merge_lane_groups<T, D>(st, ng);
+  __syncthreads();  // sel_start (aliased by red_acc) is no longer read
   if (grp == 0) {
 #pragma unroll
     for (int g = 0; g < kMaxGroup; ++g) {  // constant indices keep the state in registers
@@ -240,11 +308,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(AttentionArgs
         red_l[warp][g] = st.l[g];
       }
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) red_acc[warp][g][lig * kVec + i] = st.acc[g][i];
+      for (int i = 0; i < kVec; ++i) sh.red_acc[warp][g][lig * kVec + i] = st.acc[g][i];
     }
   }
   __syncthreads();
-  for (int e = tid; e < ng * D; e += blockDim.x) {
+  for (int e = tid; e < ng * D; e += kThreads) {
     const int g = e / D, dd = e % D;
     float mx = -INFINITY;
 #pragma unroll
@@ -254,7 +322,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(AttentionArgs
     for (int w = 0; w < kDecodeWarps; ++w) {
       const float c = dev::exp_diff(red_m[w][g], mx);
       l += red_l[w][g] * c;
-      acc += red_acc[w][g][dd] * c;
+      acc += sh.red_acc[w][g][dd] * c;
     }
     const int hq = h * d.G + g0 + g;
     if (a.splits == 1) {

@@ -19,10 +19,35 @@ void require(const void* p, const char* name) {
 
 }  // namespace
 
+WorkspaceLayout workspace_layout_v2(const Problem& p) {
+  const WorkspaceLayout v1 = workspace_layout(p);  // checks the problem; chunk sizes are v1's
+  WorkspaceLayout w{};
+  size_t off = 0;
+  auto take = [&off](size_t bytes) {
+    const size_t at = off;
+    off += (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+    return at;
+  };
+  w.query_chunk = v1.query_chunk;
+  w.partial_queries = v1.partial_queries;
+  w.error_flags = take(sizeof(int32_t));
+  // No slot index in v2: these offsets are never used (forward passes null pointers for them).
+  w.region_count = w.region_last = w.region_slots = w.valid_slots = w.dense_slots = w.n_valid = w.n_dense = 0;
+  w.sel = take(v1.n_sel - v1.sel);
+  w.n_sel = take(v1.part_acc - v1.n_sel);
+  w.part_acc = take(v1.part_ml - v1.part_acc);
+  w.part_ml = take(v1.total - v1.part_ml);
+  w.total = off;
+  return w;
+}
+
+size_t workspace_size_v2(const Problem& p) { return workspace_layout_v2(p).total; }
+
 cudaError_t forward(const Problem& p, const Attributes& attrs, const Tensors& x, void* workspace,
                     size_t workspace_bytes, int num_sms, cudaStream_t stream, const DebugOutputs* debug) {
   validate_attributes(attrs);
-  const WorkspaceLayout w = workspace_layout(p);  // checks the problem
+  const bool v2 = x.dense_slots != nullptr;
+  const WorkspaceLayout w = v2 ? workspace_layout_v2(p) : workspace_layout(p);  // checks the problem
   if (workspace == nullptr || workspace_bytes < w.total)
     throw Error(Error::kInvalid, "workspace of " + std::to_string(workspace_bytes) + " bytes is smaller than the " +
                                      std::to_string(w.total) + " this call needs");
@@ -39,7 +64,6 @@ cudaError_t forward(const Problem& p, const Attributes& attrs, const Tensors& x,
   require(x.slot_valid, "slot_valid");
   require(x.gaze, "gaze");
   require(x.write_offset, "write_offset");
-  const bool v2 = x.dense_slots != nullptr;
   if (v2) {
     require(x.region_slots, "region_slots");
     require(x.region_count, "region_count");
@@ -68,15 +92,17 @@ cudaError_t forward(const Problem& p, const Attributes& attrs, const Tensors& x,
     return err;
 
   char* ws = static_cast<char*>(workspace);
-  launch::SlotIndex idx;
+  launch::SlotIndex idx{};
   idx.error_flags = reinterpret_cast<int32_t*>(ws + w.error_flags);
-  idx.region_count = reinterpret_cast<int32_t*>(ws + w.region_count);
-  idx.region_last = reinterpret_cast<int64_t*>(ws + w.region_last);
-  idx.region_slots = reinterpret_cast<int32_t*>(ws + w.region_slots);
-  idx.valid_slots = reinterpret_cast<int32_t*>(ws + w.valid_slots);
-  idx.dense_slots = reinterpret_cast<int32_t*>(ws + w.dense_slots);
-  idx.n_valid = reinterpret_cast<int32_t*>(ws + w.n_valid);
-  idx.n_dense = reinterpret_cast<int32_t*>(ws + w.n_dense);
+  if (!v2) {  // v1's per-call slot index; v2 has none (its workspace has no room for it)
+    idx.region_count = reinterpret_cast<int32_t*>(ws + w.region_count);
+    idx.region_last = reinterpret_cast<int64_t*>(ws + w.region_last);
+    idx.region_slots = reinterpret_cast<int32_t*>(ws + w.region_slots);
+    idx.valid_slots = reinterpret_cast<int32_t*>(ws + w.valid_slots);
+    idx.dense_slots = reinterpret_cast<int32_t*>(ws + w.dense_slots);
+    idx.n_valid = reinterpret_cast<int32_t*>(ws + w.n_valid);
+    idx.n_dense = reinterpret_cast<int32_t*>(ws + w.n_dense);
+  }
   if ((err = cudaMemsetAsync(idx.error_flags, 0, sizeof(int32_t), stream))) return err;
 
   launch::Dims d;

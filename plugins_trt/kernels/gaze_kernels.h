@@ -64,6 +64,13 @@ struct DebugOutputs {
   int32_t stage_mask = 7;
 };
 
+// Node v2 workspace (issue #12): error flags (offset 0, as in v1, so gaze_device_errors reads both),
+// the selections of one query chunk and the split-KV partials; none of v1's slot-index arrays.
+// Monotone in every dimension like workspace_layout, and never larger than it, so a workspace
+// sized by workspace_size (what the TensorRT plugin asks today) serves v2 as well.
+WorkspaceLayout workspace_layout_v2(const Problem& p);
+size_t workspace_size_v2(const Problem& p);
+
 // Returns cudaSuccess or the launch error; throws gaze::Error for an unsupported problem,
 // a too-small workspace or misaligned pointers (checked before anything is launched).
 cudaError_t forward(const Problem& p, const Attributes& attrs, const Tensors& x, void* workspace,

@@ -32,7 +32,6 @@ template <typename T, int D, int NS>
 __global__ void __launch_bounds__(select_threads<NS>()) select_kernel(SelectArgs a, Dims d) {
   constexpr int kThreads = select_threads<NS>();
   constexpr int kWarps = kThreads / 32;
-  constexpr int kPerLane = D / 32;  // 2 or 4 fp32 descriptor elements per lane
   __shared__ __align__(16) float q_s[kMaxGroup * D];
   __shared__ uint64_t keys[NS];
   __shared__ int n_eligible;
@@ -62,25 +61,46 @@ __global__ void __launch_bounds__(select_threads<NS>()) select_kernel(SelectArgs
   if (tid == 0) n_eligible = 0;
   __syncthreads();
 
-  for (int r = warp; r < d.R; r += kWarps) {
-    const size_t br = size_t(b) * d.R + r;
-    const int count = a.idx.count(br);
-    if (!(count > 0 && a.idx.last(br) < p)) continue;  // warp-uniform
-    const float* row = a.desc + ((size_t(b) * d.Hkv + h) * d.R + r) * D + lane * kPerLane;
-    float dv[kPerLane];
+  // Scoring: a lane group of kLanesR lanes reads one descriptor row with one 16-byte load per lane
+  // (float4), so a warp scores kRegPerWarp regions per step (2 at D = 64); each lane issues the loads
+  // of kRegUnroll steps before using any. Trip counts are warp-uniform (every lane shuffles), an
+  // ineligible or padding region loads nothing and writes no key.
+  constexpr int kLanesR = D / 4, kRegPerWarp = 32 / kLanesR;
+  constexpr int kRegUnroll = kThreads >= 1024 ? 1 : 2;  // 1024 threads: at most 64 registers each
+  constexpr int kWarpStride = kWarps * kRegPerWarp;
+  const int sub = lane / kLanesR, lr = lane % kLanesR;
+  for (int rb = warp * kRegPerWarp + sub; rb - sub < d.R; rb += kWarpStride * kRegUnroll) {
+    float4 dv[kRegUnroll];
+    int count[kRegUnroll];
+    bool ok[kRegUnroll];
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) dv[i] = row[i];
-    float best = -INFINITY;
-    for (int g = 0; g < ng; ++g) {
-      float part = 0.f;
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) part += q_s[g * D + lane * kPerLane + i] * dv[i];
-      best = fmaxf(best, dev::group_sum<32>(part));
+    for (int u = 0; u < kRegUnroll; ++u) {
+      const int r = rb + u * kWarpStride;
+      ok[u] = false;
+      count[u] = 0;
+      dv[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (r < d.R) {
+        const size_t br = size_t(b) * d.R + r;
+        count[u] = a.idx.count(br);
+        ok[u] = count[u] > 0 && a.idx.last(br) < p;
+        if (ok[u])
+          dv[u] = *reinterpret_cast<const float4*>(a.desc + ((size_t(b) * d.Hkv + h) * d.R + r) * D + lr * 4);
+      }
     }
-    const float score = best / float(count) + 0.0f;  // + 0.0f folds -0 into +0
-    if (lane == 0) {
-      keys[r] = (uint64_t(~ordered_bits(score)) << 32) | uint32_t(r);
-      atomicAdd(&n_eligible, 1);
+#pragma unroll
+    for (int u = 0; u < kRegUnroll; ++u) {
+      float best = -INFINITY;
+      for (int g = 0; g < ng; ++g) {
+        const float4 qv = *reinterpret_cast<const float4*>(q_s + g * D + lr * 4);
+        const float part = qv.x * dv[u].x + qv.y * dv[u].y + qv.z * dv[u].z + qv.w * dv[u].w;
+        best = fmaxf(best, dev::group_sum<kLanesR>(part));
+      }
+      if (ok[u] && lr == 0) {
+        const int r = rb + u * kWarpStride;
+        const float score = best / float(count[u]) + 0.0f;  // + 0.0f folds -0 into +0
+        keys[r] = (uint64_t(~ordered_bits(score)) << 32) | uint32_t(r);
+        atomicAdd(&n_eligible, 1);
+      }
     }
   }
   __syncthreads();
