@@ -20,6 +20,7 @@ from PIL import Image
 from gaze_edge.cli import main as gaze_main
 from gaze_edge.model.checkpoint import load_checkpoint
 from gaze_edge.model.convert import ConvertOptions, convert_checkpoint
+from tests.test_convert import save_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,19 +40,7 @@ PROMPT = "was zeigt das Bild? décris 猫 ü"  # words and characters the merges
 
 
 def make_source(folder: Path) -> tuple[torch.nn.Module, dict[str, int]]:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.add_special_tokens(SPECIALS)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                pad_token="<|endoftext|>")
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(folder)
-    ids = {t: tok.token_to_id(t) for t in SPECIALS}
+    ids = save_tokenizer(folder, SPECIALS, TEMPLATE, CORPUS, vocab_size=300)
     text = transformers.Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                     rope_theta=10000.0, tie_word_embeddings=False)

@@ -37,19 +37,20 @@ CORPUS = ["describe the image.", "a red circle at the top left and a blue square
           "the cat sat on the mat", "two images of a dog and a ball"] * 20
 
 
-def save_tokenizer(folder: Path, specials: list[str] = SPECIALS) -> dict[str, int]:
+def save_tokenizer(folder: Path, specials: list[str] = SPECIALS, template: str = TEMPLATE,
+                   corpus: list[str] = CORPUS, vocab_size: int = 290) -> dict[str, int]:
     """A byte-level BPE tokenizer with Qwen-style special tokens, saved as transformers saves one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=290, show_progress=False,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.add_special_tokens(specials)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
                                                 pad_token="<|endoftext|>")
-    fast.chat_template = TEMPLATE
+    fast.chat_template = template
     fast.save_pretrained(folder)
     return {t: tok.token_to_id(t) for t in specials}
 
