@@ -16,6 +16,23 @@ from gaze_edge.model.configuration import llava_onevision_0_5b_config
 from gaze_edge.model.modeling import GazeForConditionalGeneration
 
 
+def _prefill_and_gaze_step_match_pytorch(folder: Path, config, model, ids: np.ndarray, pixels: np.ndarray) -> None:
+    """One ONNX Runtime prefill (last position) and one gaze decode step within 1e-4 of PyTorch."""
+    gen = OnnxGazeGenerator(folder, LayoutConfig.from_model_config(config), threads=2)
+    gen.reset(1, ids.shape[1] + 2)
+    logits = gen.forward(gen.embed(ids, pixels), ids, np.ones_like(ids), gaze=False)
+    step = np.array([[12]])
+    step_logits = gen.forward(gen.embed(step, None), step, np.ones_like(step), gaze=True)
+    with torch.no_grad():
+        cache = model.new_cache(1)
+        ref = model(torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels), past_key_values=cache).logits
+        ref_step = model(torch.from_numpy(step), gaze_mask=torch.ones(1, 1, dtype=torch.bool),
+                         past_key_values=cache).logits
+    assert logits.shape == (1, ids.shape[1], config.vocab_size)
+    for got, want in ((logits[:, -1], ref[:, -1].numpy()), (step_logits, ref_step.numpy())):
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+
+
 @pytest.mark.slow
 def test_real_size_exports_with_external_data_and_runs(tmp_path: Path):
     torch.manual_seed(0)
@@ -31,23 +48,10 @@ def test_real_size_exports_with_external_data_and_runs(tmp_path: Path):
     assert len(ox.gaze_nodes(proto)) == 2 and len(proto.functions) == 1
 
     # One prefill step over a prompt with one image (729 visual + 4 context tokens) and a decode step.
-    gen = OnnxGazeGenerator(tmp_path, LayoutConfig.from_model_config(config), threads=2)
     ids = np.array([[config.bos_token_id] + [config.image_token_id] * config.tokens_per_image
                      + list(config.context_token_ids) + [10, 11, config.assistant_token_id]])
-    mask = np.ones_like(ids)
     pixels = np.random.default_rng(0).standard_normal((1, 3, 378, 378)).astype(np.float32)
-    gen.reset(1, ids.shape[1] + 2)
-    logits = gen.forward(gen.embed(ids, pixels), ids, mask, gaze=False)
-    step = np.array([[12]])
-    step_logits = gen.forward(gen.embed(step, None), step, np.ones_like(step), gaze=True)
-    with torch.no_grad():
-        cache = model.new_cache(1)
-        ref = model(torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels), past_key_values=cache).logits
-        ref_step = model(torch.from_numpy(step), gaze_mask=torch.ones(1, 1, dtype=torch.bool),
-                         past_key_values=cache).logits
-    assert logits.shape == (1, ids.shape[1], config.vocab_size)
-    for got, want in ((logits[:, -1], ref[:, -1].numpy()), (step_logits, ref_step.numpy())):
-        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+    _prefill_and_gaze_step_match_pytorch(tmp_path, config, model, ids, pixels)
 
 
 def _real_size_script():
@@ -85,22 +89,11 @@ def test_cambrian_4b_shapes_export_run_and_profile(tmp_path: Path):
 
     torch.manual_seed(0)  # the script's model: same seed, same config
     model = GazeForConditionalGeneration(config).eval()
-    gen = OnnxGazeGenerator(folder, LayoutConfig.from_model_config(config), threads=2)
     ids = np.array([[151644] + [config.image_token_id] * config.tokens_per_image + list(config.context_token_ids)
                     + [10, 11, 151644]])
     pixels = np.random.default_rng(0).standard_normal((1, 3, 512, 512)).astype(np.float32)
-    gen.reset(1, ids.shape[1] + 2)
-    logits = gen.forward(gen.embed(ids, pixels), ids, np.ones_like(ids), gaze=False)
-    step = np.array([[12]])
-    step_logits = gen.forward(gen.embed(step, None), step, np.ones_like(step), gaze=True)
-    with torch.no_grad():
-        cache = model.new_cache(1)
-        ref = model(torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels), past_key_values=cache).logits
-        ref_step = model(torch.from_numpy(step), gaze_mask=torch.ones(1, 1, dtype=torch.bool),
-                         past_key_values=cache).logits
-    for got, want in ((logits[:, -1], ref[:, -1].numpy()), (step_logits, ref_step.numpy())):
-        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
-    del gen, model
+    _prefill_and_gaze_step_match_pytorch(folder, config, model, ids, pixels)
+    del model
 
     out = tmp_path / "profile.json"
     assert gaze_main(["profile", str(folder), "--project-layers", "36", "--no-dense", "--warmup", "0",
