@@ -138,7 +138,7 @@ def op_case(backend: Any, *, batch: int, visual: int, head_dim: int, kv_heads: i
     problem = gk.Problem(batch=B, new_tokens=1, cache_len=S, num_regions=R, q_heads=Hq, kv_heads=Hkv, head_dim=D,
                          dtype=gk.DTYPE_CODES[dtype], top_k=top_k, max_region_tokens=M)
     attrs = gk.Attrs(top_k, M, 1.0 / math.sqrt(D), gk.ROUTING[routing], 0)
-    ws_bytes = lib.workspace_size(problem)
+    ws_bytes = lib.workspace_size_v2(problem)
     ws = backend.empty((ws_bytes,), np.uint8)
     base = gk.Tensors(qd.ptr, new_k.ptr, new_v.ptr, kc.ptr, vc.ptr, dc.ptr, buf["slot_pos"].ptr,
                       buf["slot_region"].ptr, buf["slot_valid"].ptr, gz.ptr, off.ptr, out.ptr, kc.ptr, vc.ptr, dc.ptr)

@@ -190,6 +190,16 @@ int32_t gaze_plan_splits(const gaze_problem_t* problem, int32_t num_sms, int32_t
   });
 }
 
+int32_t gaze_plan_select_parts(const gaze_problem_t* problem, int64_t rows, int32_t* parts) {
+  return guarded([&] {
+    if (parts == nullptr) return fail(GAZE_ERR_INVALID, "parts pointer is null");
+    const gaze::Problem p = to_problem(problem);
+    gaze::check_problem(p);
+    *parts = gaze::plan_select_parts(p, rows);
+    return int32_t(GAZE_OK);
+  });
+}
+
 int32_t gaze_dispatch_count(void) { return static_cast<int32_t>(gaze::dispatch_table().size()); }
 
 int32_t gaze_dispatch_entry(int32_t i, int32_t* dtype, int32_t* head_dim, const char** name) {

@@ -93,10 +93,12 @@ int32_t gaze_supports_io_dtype(int32_t pos, int32_t dtype, int32_t query_dtype);
 int32_t gaze_problem_from_inputs(const gaze_tensor_desc_t* inputs, int32_t num_inputs, const gaze_attrs_t* attrs,
                                  gaze_problem_t* out);
 int32_t gaze_workspace_size(const gaze_problem_t* problem, uint64_t* bytes);
-/* Node v2's workspace (issue #12): no slot-index arrays, never larger than gaze_workspace_size
-   (which serves both versions). gaze_forward_v2 needs at least this many bytes. */
+/* Node v2's workspace (issue #12): no slot-index arrays, plus the selection's per-part candidates
+   (can exceed gaze_workspace_size at few rows and many regions). gaze_forward_v2 needs at least this. */
 int32_t gaze_workspace_size_v2(const gaze_problem_t* problem, uint64_t* bytes);
 int32_t gaze_plan_splits(const gaze_problem_t* problem, int32_t num_sms, int32_t* splits);
+/* Node v2 selection: CTAs per selection row (region parts) for a launch of `rows` = B x Hsel x queries. */
+int32_t gaze_plan_select_parts(const gaze_problem_t* problem, int64_t rows, int32_t* parts);
 int32_t gaze_dispatch_count(void);
 int32_t gaze_dispatch_entry(int32_t i, int32_t* dtype, int32_t* head_dim, const char** name);
 int32_t gaze_dispatch_supported(int32_t dtype, int64_t head_dim);

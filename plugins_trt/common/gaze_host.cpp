@@ -380,6 +380,14 @@ int plan_splits(const Problem& p, int num_sms) {
   return splits < 1 ? 1 : static_cast<int>(splits);
 }
 
+int plan_select_parts(const Problem& p, int64_t rows) {
+  int64_t parts = (p.num_regions + kSelectPartRegions - 1) / kSelectPartRegions;
+  if (parts > kMaxSelectParts) parts = kMaxSelectParts;
+  const int64_t by_blocks = kSelectPartBlocks / (rows > 1 ? rows : 1);
+  if (parts > by_blocks) parts = by_blocks;
+  return parts < 1 ? 1 : static_cast<int>(parts);
+}
+
 WorkspaceLayout workspace_layout(const Problem& p) {
   check_problem(p);
   WorkspaceLayout w{};

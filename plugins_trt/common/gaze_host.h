@@ -34,6 +34,12 @@ constexpr int kDecodeMaxT = 8;          // calls with T <= this run every query 
 constexpr int kQueryChunk = 64;         // gaze queries scored/selected per launch (bounds the workspace)
 constexpr int kMaxSplits = 16;          // split-KV partitions per query
 constexpr int kMinKeysPerSplit = 128;
+// Selection split over regions (node v2, issue #12): a (query, selection head, sequence) row's R
+// regions are scored by up to kMaxSelectParts CTAs of <= kSelectPartRegions regions each, then merged,
+// while rows x parts stays <= kSelectPartBlocks (B x Hsel x queries rows: more rows need fewer parts).
+constexpr int kSelectPartRegions = 256;
+constexpr int kMaxSelectParts = 16;     // kMaxSelectParts * kSelectPartRegions >= kMaxRegions
+constexpr int kSelectPartBlocks = 256;  // selection CTAs a launch in parts aims at (about 2 per SM)
 constexpr size_t kWorkspaceAlign = 256;
 
 // Input order of the node.
@@ -131,11 +137,17 @@ const char* dtype_name(DType dtype);
 // kMinKeysPerSplit keys per split, at most kMaxSplits; 1 when T > kDecodeMaxT.
 int plan_splits(const Problem& p, int num_sms);
 
+// Region parts of the selection (node v2) for a launch of `rows` = B x Hsel x queries selection rows:
+// min(ceil(R / kSelectPartRegions), kMaxSelectParts, kSelectPartBlocks / rows), at least 1.
+// The result does not depend on it: candidates are merged by a total order (score, region).
+int plan_select_parts(const Problem& p, int64_t rows);
+
 // Byte offsets of the workspace arrays (each kWorkspaceAlign-aligned). Monotone in every
 // dimension, so the size at a profile's largest shape covers every shape of the profile.
 struct WorkspaceLayout {
   size_t error_flags, region_count, region_last, region_slots, valid_slots, dense_slots, n_valid, n_dense;
   size_t sel, n_sel, part_acc, part_ml;
+  size_t sel_cand = 0, sel_cand_n = 0;  // node v2 only: per-part top-k candidates (0 bytes when unused)
   size_t total;
   int64_t query_chunk;     // queries per select/decode launch
   int64_t partial_queries; // queries with room for split partials: min(T, kDecodeMaxT)

@@ -91,14 +91,22 @@ MUTANTS = [
     ("query_head routing: the selection of query head 0 of each group serves the group", K + "gaze_select.cu",
      "const int g0 = d.per_head ? hs % d.G : 0", "const int g0 = 0", 0),
     ("tie order: ties go to the higher region", K + "gaze_select.cu",
-     "keys[r] = (uint64_t(~ordered_bits(score)) << 32) | uint32_t(r);",
-     "keys[r] = (uint64_t(~ordered_bits(score)) << 32) | uint32_t(d.R - 1 - r);", 0),
+     "keys[rl] = (uint64_t(~ordered_bits(score)) << 32) | uint32_t(r);",
+     "keys[rl] = (uint64_t(~ordered_bits(score)) << 32) | uint32_t(d.R - 1 - r);", 0),
+    ("select parts: the merge gives exact ties to the higher part", K + "gaze_select.cu",
+     "if (o != j) rank += count_below(cand + size_t(o) * cap, cnt[o], key);",
+     "if (o != j) rank += count_below(cand + size_t(o) * cap, cnt[o], "
+     "o < j ? key & ~uint64_t(0xffffffffu) : key | 0xffffffffu);", 0),
+    ("select parts: a full part hands over one candidate too few", K + "gaze_select.cu",
+     "if (tid == 0) a.cand_n[bhq * parts + part] = n;",
+     "if (tid == 0) a.cand_n[bhq * parts + part] = n - (n == a.cap);", 0),
     ("split bound: each split drops its last key", K + "gaze_attention.cu",
      "end = min(length, begin + chunk);", "end = min(length, begin + chunk - 1);", 0),
     ("split bound: chunk rounded down (tail dropped)", K + "gaze_attention.cu",
      "const int chunk = (length + used - 1) / used;", "const int chunk = length / used;", 0),
     ("descriptor count: mean over count + 1", K + "gaze_select.cu",
-     "const float score = best / float(count) + 0.0f;", "const float score = best / float(count + 1) + 0.0f;", 0),
+     "const float score = best / float(count[u]) + 0.0f;", "const float score = best / float(count[u] + 1) + 0.0f;",
+     0),
     ("descriptor sum: also adds invalid new tokens", K + "gaze_index.cu",
      "return m.slot_valid[at] && r >= 0 && r < d.R ? int32_t(r) : -1;",
      "return r >= 0 && r < d.R ? int32_t(r) : -1;", 0),
@@ -110,9 +118,12 @@ MUTANTS = [
 
 
 def _the_tie_mutant_decodes(text: str) -> str:
-    """The tie mutant stores d.R - 1 - r; decode it back so only the order changes."""
+    """The tie mutant stores d.R - 1 - r; decode it back (single block and parts merge) so only the order
+    changes."""
     return text.replace("a.sel[bhq * d.kmax + i] = i < n ? int32_t(keys[i] & 0xffffffffu) : -1;",
-                        "a.sel[bhq * d.kmax + i] = i < n ? int32_t(d.R - 1 - (keys[i] & 0xffffffffu)) : -1;")
+                        "a.sel[bhq * d.kmax + i] = i < n ? int32_t(d.R - 1 - (keys[i] & 0xffffffffu)) : -1;").replace(
+        "if (rank < n) sel[rank] = int32_t(key & 0xffffffffu);",
+        "if (rank < n) sel[rank] = int32_t(d.R - 1 - (key & 0xffffffffu));")
 
 
 def apply(root: Path, name: str, file: str, old: str, new: str, nth: int | None) -> None:

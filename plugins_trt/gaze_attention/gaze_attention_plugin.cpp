@@ -184,7 +184,7 @@ size_t GazeAttentionPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensor
     if (nb_inputs != v2::kNumInputs) throw Error(Error::kInvalid, kExpects);
     std::vector<TensorDesc> hi(nb_inputs);
     for (int i = 0; i < nb_inputs; ++i) hi[i] = to_desc(inputs[i].desc, inputs[i].max);
-    return workspace_size(v2_problem(hi, attrs_));
+    return workspace_size_v2(v2_problem(hi, attrs_));
   } catch (const std::exception& e) {
     log_error(e.what());
     return 0;  // configurePlugin has already rejected such a profile
@@ -245,8 +245,8 @@ int32_t GazeAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* input_des
     x.dense_len = input_desc[v2::kDenseSlots].dims.d[1];
     if (x.dense_slots == nullptr) throw Error(Error::kInvalid, "dense_slots is null");
     // TensorRT sized the workspace with getWorkspaceSize at the profile's max shape, which
-    // covers this shape (workspace_size is monotone, gaze_host.h).
-    const cudaError_t err = forward(p, attrs_, x, workspace, workspace_size(p), num_sms_, stream);
+    // covers this shape (workspace_size_v2 is monotone, gaze_kernels.h).
+    const cudaError_t err = forward(p, attrs_, x, workspace, workspace_size_v2(p), num_sms_, stream);
     if (err != cudaSuccess) {
       log_error(std::string("CUDA launch failed: ") + cudaGetErrorString(err));
       return -1;

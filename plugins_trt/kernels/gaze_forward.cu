@@ -1,4 +1,5 @@
 // The whole GazeAttention node on one stream: see the step list in gaze_kernels.h.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -37,6 +38,18 @@ WorkspaceLayout workspace_layout_v2(const Problem& p) {
   w.n_sel = take(v1.part_acc - v1.n_sel);
   w.part_acc = take(v1.part_ml - v1.part_acc);
   w.part_ml = take(v1.total - v1.part_ml);
+  // Selection candidates (issue #12): a launch of `rows` selection rows (B x Hsel x queries) in parts
+  // (plan_select_parts: rows x parts <= kSelectPartBlocks) has each part write its top
+  // min(kmax, kSelectPartRegions) 64-bit keys and their number; sized for the largest rows x parts any
+  // launch of this problem can have, min(B x Hq x chunk x max parts, kSelectPartBlocks) (monotone).
+  const int64_t max_parts = plan_select_parts(p, 1);
+  if (max_parts > 1) {
+    const size_t blocks = std::min<size_t>(size_t(p.batch) * p.q_heads * size_t(w.query_chunk) * size_t(max_parts),
+                                           kSelectPartBlocks);
+    const size_t cap = std::min<size_t>(size_t(p.kmax()), kSelectPartRegions);
+    w.sel_cand = take(blocks * cap * sizeof(uint64_t));
+    w.sel_cand_n = take(blocks * sizeof(int32_t));
+  }
   w.total = off;
   return w;
 }
@@ -164,10 +177,16 @@ cudaError_t forward(const Problem& p, const Attributes& attrs, const Tensors& x,
   sel.n_sel = reinterpret_cast<int32_t*>(ws + w.n_sel);
   att.sel = sel.sel;
   att.n_sel = sel.n_sel;
+  sel.cand = w.sel_cand_n ? reinterpret_cast<uint64_t*>(ws + w.sel_cand) : nullptr;
+  sel.cand_n = w.sel_cand_n ? reinterpret_cast<int32_t*>(ws + w.sel_cand_n) : nullptr;
+  sel.cap = int32_t(std::min<int64_t>(d.kmax, kSelectPartRegions));
   for (int32_t t0 = 0; t0 < d.T; t0 += int32_t(w.query_chunk)) {
     const int32_t qc = std::min<int32_t>(int32_t(w.query_chunk), d.T - t0);
     sel.t0 = att.t0 = t0;
     sel.qc = att.qc = qc;
+    // Node v2 with few selection rows: regions split over several CTAs, candidates merged (the
+    // workspace has room for every such launch); v1 (no candidate area) keeps one CTA per row.
+    sel.parts = sel.cand ? plan_select_parts(p, int64_t(d.B) * d.Hsel * qc) : 1;
     if (stages & 2) launch::select_regions(p.dtype, d, sel, stream);
     if (stages & 4) {
       launch::decode_attention(p.dtype, d, att, stream);

@@ -65,9 +65,10 @@ struct DebugOutputs {
 };
 
 // Node v2 workspace (issue #12): error flags (offset 0, as in v1, so gaze_device_errors reads both),
-// the selections of one query chunk and the split-KV partials; none of v1's slot-index arrays.
-// Monotone in every dimension like workspace_layout, and never larger than it, so a workspace
-// sized by workspace_size (what the TensorRT plugin asks today) serves v2 as well.
+// the selections of one query chunk, the split-KV partials and the selection's per-part candidates
+// (plan_select_parts); none of v1's slot-index arrays. Monotone in every dimension like
+// workspace_layout. Not bounded by it (the candidates can outweigh the slot index at few rows and
+// many regions): the TensorRT plugin asks workspace_size_v2.
 WorkspaceLayout workspace_layout_v2(const Problem& p);
 size_t workspace_size_v2(const Problem& p);
 

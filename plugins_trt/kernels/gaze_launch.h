@@ -66,6 +66,12 @@ struct SelectArgs {
   int32_t* sel;    // [B, Hkv, qc, kmax]
   int32_t* n_sel;  // [B, Hkv, qc]
   int32_t t0, qc;
+  // Region parts (issue #12): parts > 1 splits each row's R regions over `parts` CTAs, each writing its
+  // top min(cap, eligible) keys to cand [B, Hsel, qc, parts, cap] and that number to cand_n
+  // [B, Hsel, qc, parts]; a merge kernel ranks the union. parts = 1: one CTA per row sorts all R.
+  uint64_t* cand = nullptr;
+  int32_t* cand_n = nullptr;
+  int32_t parts = 1, cap = 0;
 };
 void select_regions(DType dtype, const Dims& d, const SelectArgs& a, cudaStream_t st);
 

@@ -240,7 +240,9 @@ class GazeKernels:
             "gaze_supports_io_dtype": (i32, [i32, i32, i32]),
             "gaze_problem_from_inputs": (i32, [p(TensorDesc), i32, p(Attrs), p(Problem)]),
             "gaze_workspace_size": (i32, [p(Problem), p(ctypes.c_uint64)]),
+            "gaze_workspace_size_v2": (i32, [p(Problem), p(ctypes.c_uint64)]),
             "gaze_plan_splits": (i32, [p(Problem), i32, p(i32)]),
+            "gaze_plan_select_parts": (i32, [p(Problem), i64, p(i32)]),
             "gaze_dispatch_count": (i32, []),
             "gaze_dispatch_entry": (i32, [i32, p(i32), p(i32), p(ctypes.c_char_p)]),
             "gaze_dispatch_supported": (i32, [i32, i64]),
@@ -319,6 +321,18 @@ class GazeKernels:
     def workspace_size(self, problem: Problem) -> int:
         out = ctypes.c_uint64()
         self._check(self.lib.gaze_workspace_size(ctypes.byref(problem), ctypes.byref(out)))
+        return int(out.value)
+
+    def workspace_size_v2(self, problem: Problem) -> int:
+        """Node v2's workspace (gaze_forward_v2): no slot index, plus the selection's region-part candidates."""
+        out = ctypes.c_uint64()
+        self._check(self.lib.gaze_workspace_size_v2(ctypes.byref(problem), ctypes.byref(out)))
+        return int(out.value)
+
+    def plan_select_parts(self, problem: Problem, rows: int) -> int:
+        """Region parts per selection row (node v2) for a launch of `rows` = B x Hsel x queries rows."""
+        out = ctypes.c_int32()
+        self._check(self.lib.gaze_plan_select_parts(ctypes.byref(problem), rows, ctypes.byref(out)))
         return int(out.value)
 
     def plan_splits(self, problem: Problem, num_sms: int) -> int:
