@@ -40,22 +40,27 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy gaze_edge model export runtime calibrate
 
-## Re-train the shipped tiny checkpoints and evaluate them on held-out scenes (~20 min on 2 cores).
-## Stage 1: a dense model (1800 steps). Stage 2, both from stage 1 with the same schedule (500 steps):
-## the gaze model at top_k 2 of 9 regions, and the dense twin at top_k 9 (same total training).
-STAGE2 := --steps 500 --lr 5e-4 --warmup 20 --seed 1
+## Re-train the shipped tiny checkpoints and evaluate them on held-out scenes (~40 min on 2 shared cores).
+## The paper's family in miniature: SigLIP-style tower, Qwen3-style decoder, 64 px scenes of 1-4 objects on a
+## 4x4 grid, 16 regions, 4 own_image context tokens (model/train.py tiny_config). Stage 1: a dense model
+## (900 steps at lr 2e-3, then 1200 more at lr 1e-3). Stage 2, both from stage 1 with the same schedule
+## (400 steps): the gaze model at top_k 2 of 16 regions, and the dense twin at top_k 16 (same total training).
+STAGE2 := --steps 400 --lr 5e-4 --warmup 20 --seed 1
 train: setup
-	$(PY) -m gaze_edge.model.train --out runs/dense-stage1 --dense --steps 1800
-	$(PY) -m gaze_edge.model.train --out checkpoints/gaze-tiny-dense --dense --init-from runs/dense-stage1 $(STAGE2) \
+	mkdir -p runs
+	$(PY) -m gaze_edge.model.train --out runs/dense-stage1 --dense --steps 900
+	$(PY) -m gaze_edge.model.train --out runs/dense-stage1b --dense --init-from runs/dense-stage1 \
+		--steps 1200 --lr 1e-3 --warmup 50 --seed 2
+	$(PY) -m gaze_edge.model.train --out checkpoints/gaze-tiny-dense --dense --init-from runs/dense-stage1b $(STAGE2) \
 		> runs/dense-twin.train.log 2>&1 & \
-	$(PY) -m gaze_edge.model.train --out checkpoints/gaze-tiny --init-from runs/dense-stage1 $(STAGE2) \
+	$(PY) -m gaze_edge.model.train --out checkpoints/gaze-tiny --init-from runs/dense-stage1b $(STAGE2) \
 		--top-k 2 --dense-frac 0 --shrink-end-frac 0; \
 	wait
 	$(MAKE) evaluate
 
 evaluate: setup
 	$(VENV)/bin/gaze evaluate checkpoints/gaze-tiny --json checkpoints/gaze-tiny/eval.json \
-		--figure docs/figures/gaze_examples.png
+		--gaze-map docs/figures/gaze_examples.png
 	$(VENV)/bin/gaze evaluate checkpoints/gaze-tiny-dense --json checkpoints/gaze-tiny-dense/eval.json
 
 ## CUDA kernels + C ABI (always) and the TensorRT plugin (where TensorRT is found: TensorRT_ROOT=...).

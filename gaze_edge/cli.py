@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scenes", help="write held-out generated scenes as PNG files (demo and calibration input)")
     sc.add_argument("-o", "--output", type=ca.output_folder, required=True, help="folder (created with its parents)")
     sc.add_argument("--count", type=ca.int_in(1, 1_000_000), default=4, help="scenes written")
-    sc.add_argument("--size", type=ca.int_in(9, 4096), default=48, help="image side in pixels (9 .. 4096)")
+    sc.add_argument("--size", type=ca.int_in(9, 4096), default=64,
+                    help="image side in pixels (9 .. 4096; the default model takes 64)")
     sc.add_argument("--seed", type=ca.seed, default=7, help="seed of the scenes")
     sc.set_defaults(func=_scenes)
 

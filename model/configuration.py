@@ -32,8 +32,8 @@ class GazeConfig(PretrainedConfig):
     Defaults for new models: ``context_attention = "own_image"`` is the paper's (a context
     token summarises its own image); ``routing = "kv_head"`` keeps GQA's saving (one
     region read serves the whole group; ``query_head`` may read up to G times as many
-    regions per KV head). The shipped checkpoints say ``"causal"`` in their config.json,
-    the v1 behaviour they were trained with.
+    regions per KV head). The shipped checkpoints are trained with ``"own_image"``; a config.json
+    without the field (saved before spec v2) loads as ``"causal"``, what it was trained with.
     """
 
     model_type = "gaze_vlm"

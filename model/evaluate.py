@@ -3,7 +3,7 @@
     python -m gaze_edge.model.evaluate checkpoints/gaze-tiny [--scenes 500] [--json FILE]
 
 - accuracy: fraction of greedy captions whose (colour, shape, position) fact set equals
-  the scene's exactly;
+  the scene's exactly (also per number of objects in the scene);
 - gaze coverage: for each generated colour or shape word that names an object of the
   scene, the fraction of (layer, KV head) selections that include a region the object
   touches, against the rate a uniformly random choice of as many regions would give.
@@ -35,6 +35,9 @@ from .processing import GazeProcessor
 class EvalResult:
     scenes: int
     accuracy: float
+    top_k: int | list[int] | None = None  # regions kept per gaze query (config.gaze_top_k)
+    regions: int | None = None  # regions per image
+    accuracy_by_objects: dict[str, float] = field(default_factory=dict)  # objects in the scene -> accuracy
     gaze_coverage: float | None = None  # selected regions touch the named object
     random_coverage: float | None = None  # same for a random choice of as many regions
     named_words: int = 0
@@ -84,6 +87,7 @@ def evaluate(
     config = cast(GazeConfig, model.config)
     rng = np.random.default_rng(seed)
     correct = 0
+    by_count: dict[int, list[bool]] = {}
     hits: list[float] = []
     per_layer: dict[int, list[float]] = {}
     chance: list[float] = []
@@ -104,6 +108,7 @@ def evaluate(
             text = processor.decode(tokens)
             ok = scenes.parse_caption(text) == scene.facts
             correct += ok
+            by_count.setdefault(len(scene.objects), []).append(ok)
             if len(examples) < 8:
                 examples.append({"truth": scene.caption(), "generated": text, "correct": str(ok)})
             words = [processor.decode([t]) for t in tokens]
@@ -126,6 +131,9 @@ def evaluate(
     return EvalResult(
         scenes=num_scenes,
         accuracy=correct / num_scenes,
+        top_k=config.gaze_top_k if gaze_top_k is None else gaze_top_k,
+        regions=config.regions_per_image,
+        accuracy_by_objects={str(n): float(np.mean(v)) for n, v in sorted(by_count.items())},
         gaze_coverage=float(np.mean(hits)) if hits else None,
         random_coverage=float(np.mean(chance)) if chance else None,
         named_words=len(hits),
@@ -152,14 +160,15 @@ def draw_gaze_examples(
     out = model.generate(ids, pixel_values=torch.from_numpy(processor.preprocess(images)), max_new_tokens=40)
     grid = config.grid_size
     region_of = region_index_map(grid, grid, *config.region_size).reshape(grid, grid)
-    fig, axes = plt.subplots(count, 4, figsize=(10, 2.7 * count), squeeze=False)
+    columns = 1 + scenes.MAX_OBJECTS  # the scene, then one gaze map per named shape
+    fig, axes = plt.subplots(count, columns, figsize=(2.5 * columns, 3.1 * count), squeeze=False)
     for b in range(count):
         tokens = [int(t) for t in out.sequences[b] if int(t) != processor.eos_token_id]
         words = [processor.decode([t]) for t in tokens]
         axes[b, 0].imshow(images[b])
-        axes[b, 0].set_title(textwrap.fill(processor.decode(tokens), 34), fontsize=7)
+        axes[b, 0].set_title(textwrap.fill(processor.decode(tokens), 40), fontsize=7)
         shape_steps = [i for i, w in enumerate(words) if w in scenes.SHAPES and i > 0]
-        for col in range(1, 4):
+        for col in range(1, columns):
             ax = axes[b, col]
             ax.axis("off")
             if col - 1 >= len(shape_steps):
@@ -193,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     result = evaluate(model, processor, args.scenes, args.seed)
     print(f"{args.checkpoint}: top_k {model.config.gaze_top_k} of {model.config.regions_per_image} regions")
     print(f"  held-out exact-fact accuracy: {result.accuracy:.1%} over {result.scenes} scenes")
+    print("  by objects in the scene: " + ", ".join(f"{n}: {a:.1%}" for n, a in result.accuracy_by_objects.items()))
     if result.gaze_coverage is not None:
         print(f"  selected regions cover the named object: {result.gaze_coverage:.1%} "
               f"(random choice of as many regions: {result.random_coverage:.1%}, {result.named_words} words)")

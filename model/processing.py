@@ -444,5 +444,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def default_processor(image_size: int, tokens_per_image: int, num_context_tokens: int = 2) -> GazeProcessor:
     """The processor of the built-in scene captioner."""
     context = [f"<ctx_{i}>" for i in range(num_context_tokens)]
+    tokenizer = build_tokenizer()
+    # Context tokens past the built-in two go after the words, so that no word's id moves.
+    tokenizer.add_special_tokens([t for t in context if tokenizer.token_to_id(t) is None])
     image = ImageConfig(image_size=image_size)
-    return GazeProcessor(build_tokenizer(), image, CHAT_TEMPLATE, tokens_per_image, context)
+    return GazeProcessor(tokenizer, image, CHAT_TEMPLATE, tokens_per_image, context)

@@ -1,7 +1,7 @@
-"""Procedural scenes: coloured shapes of a few sizes on a 3x3 grid, with captions.
+"""Procedural scenes: one to four coloured shapes of a few sizes on a 4x4 grid, with captions.
 
 The captions come from a small grammar, one clause per object in row-major order:
-``a red circle at top left and a blue square at center``. A caption's *facts* are the
+``a red circle at top left and a blue square at upper center left``. A caption's *facts* are the
 set of (colour, shape, position) triples it names; captions are scored on exact fact
 sets. Numpy only (no torch), so the runtime and calibration can use it too.
 
@@ -26,24 +26,23 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZES = {"small": 0.6, "large": 0.9}  # fraction of the cell side
-ROW_WORDS = ("top", "center", "bottom")
-COL_WORDS = ("left", "center", "right")
-GRID = 3
-MAX_OBJECTS = 3
+ROW_WORDS = ("top", "upper", "lower", "bottom")
+COL_WORDS = ("left", "center left", "center right", "right")  # every old word stays in the vocabulary
+GRID = 4
+MAX_OBJECTS = 4
 HELD_OUT_BUCKETS = 10
 
 Fact = tuple[str, str, str]
 
 
 def position_name(row: int, col: int) -> str:
-    if row == 1 and col == 1:
-        return "center"
+    """Row word then column words: ``top left``, ``upper center left``, ... ``bottom right``."""
     return f"{ROW_WORDS[row]} {COL_WORDS[col]}"
 
 
 POSITIONS = tuple(position_name(r, c) for r in range(GRID) for c in range(GRID))
 CAPTION_WORDS = sorted(
-    {"a", "at", "and"} | set(COLOURS) | set(SHAPES) | set(ROW_WORDS) | set(COL_WORDS)
+    {"a", "at", "and"} | set(COLOURS) | set(SHAPES) | set(ROW_WORDS) | {w for c in COL_WORDS for w in c.split()}
 )
 
 

@@ -1,6 +1,6 @@
 """Train the tiny Gaze Attention scene captioner on 2 CPU cores in minutes.
 
-    python -m gaze_edge.model.train --out checkpoints/gaze-tiny            # gaze, top_k 2 of 9
+    python -m gaze_edge.model.train --out checkpoints/gaze-tiny            # gaze, top_k 2 of 16
     python -m gaze_edge.model.train --out checkpoints/gaze-tiny-dense --dense
 
 Why it matches its dense twin although hard top-k is not differentiable:
@@ -49,13 +49,30 @@ class TrainConfig:
     init_from: str | None = None  # continue from this checkpoint (stage 2 of the recipe)
 
 
-def tiny_config(vocab_size: int, top_k: int) -> GazeConfig:
-    """48 px scenes, 6x6 visual tokens, 2x2-token regions (one per scene cell): 9 regions.
+IMAGE_SIZE = 64  # 4x4 scene cells of 16 px
+PATCH_SIZE = 8  # 8x8 visual tokens; a 2x2-token region is one scene cell: 16 regions
+NUM_CONTEXT_TOKENS = 4
 
-    Context tokens attend causally (spec v1), as the shipped checkpoints were trained, so
-    `make train` keeps reproducing them; new models default to the paper's own_image.
+
+def tiny_processor() -> GazeProcessor:
+    """The processor of the tiny default: 64 px, 64 visual tokens, 4 context tokens (the word-level
+    tokenizer names two context tokens among its specials; default_processor adds the others after the
+    caption words, so every word keeps its id)."""
+    return default_processor(IMAGE_SIZE, (IMAGE_SIZE // PATCH_SIZE) ** 2, NUM_CONTEXT_TOKENS)
+
+
+def tiny_config(vocab_size: int, top_k: int, context_token_ids: list[int]) -> GazeConfig:
+    """The paper's family in miniature: a SigLIP-style tower and a Qwen3-style decoder.
+
+    64 px scenes, 8x8 visual tokens, 2x2-token regions (one per scene cell): 16 regions,
+    4 context tokens per image that attend to their own image (spec v2, ``own_image``).
     """
-    return GazeConfig(vocab_size=vocab_size, gaze_top_k=top_k, context_attention="causal")
+    return GazeConfig(
+        vocab_size=vocab_size, gaze_top_k=top_k, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+        region_size=(2, 2), decoder_style="qwen3", vision_style="siglip",
+        num_context_tokens=NUM_CONTEXT_TOKENS, context_token_ids=context_token_ids,
+        context_attention="own_image",
+    )
 
 
 def make_batch(
@@ -117,10 +134,11 @@ def train(cfg: TrainConfig) -> GazeForConditionalGeneration:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
-    probe = GazeConfig()
-    processor = default_processor(probe.image_size, probe.tokens_per_image, probe.num_context_tokens)
-    regions = probe.regions_per_image
-    config = tiny_config(processor.tokenizer.get_vocab_size(), regions if cfg.dense else cfg.top_k)
+    processor = tiny_processor()
+    vocab, ctx = processor.tokenizer.get_vocab_size(), processor.context_token_ids
+    regions = tiny_config(vocab, 1, ctx).regions_per_image
+    config = tiny_config(vocab, regions if cfg.dense else cfg.top_k, ctx)
+    assert config.tokens_per_image == processor.tokens_per_image
     model = GazeForConditionalGeneration(config)
     if cfg.init_from:
         start_model, _ = load_checkpoint(cfg.init_from)
@@ -153,8 +171,8 @@ def train(cfg: TrainConfig) -> GazeForConditionalGeneration:
             elapsed = time.time() - start
             eta = elapsed / (step + 1) * (cfg.steps - step - 1)
             aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-            history.append({"step": step, "loss": float(out.loss), "aux": aux, "top_k": k})
-            print(f"step {step:5d}/{cfg.steps}  loss {float(out.loss):.4f}  aux {aux:.4f}  k {k}  "
+            history.append({"step": step, "loss": float(out.loss.detach()), "aux": aux, "top_k": k})
+            print(f"step {step:5d}/{cfg.steps}  loss {float(out.loss.detach()):.4f}  aux {aux:.4f}  k {k}  "
                   f"{elapsed:6.0f}s elapsed, eta {eta:5.0f}s", flush=True)
     model.eval()
     save_checkpoint(model, processor, cfg.out)

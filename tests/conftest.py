@@ -21,13 +21,13 @@ def _checkpoint(tmp: Path) -> Path:
     import torch
 
     from gaze_edge.model.checkpoint import save_checkpoint
-    from gaze_edge.model.configuration import GazeConfig
     from gaze_edge.model.modeling import GazeForConditionalGeneration
-    from gaze_edge.model.processing import default_processor
+    from gaze_edge.model.train import tiny_config, tiny_processor
 
-    processor = default_processor(48, 36)
+    processor = tiny_processor()
     torch.manual_seed(3)
-    model = GazeForConditionalGeneration(GazeConfig(vocab_size=processor.tokenizer.get_vocab_size()))
+    config = tiny_config(processor.tokenizer.get_vocab_size(), 2, processor.context_token_ids)
+    model = GazeForConditionalGeneration(config)
     save_checkpoint(model, processor, tmp / "ckpt")
     return tmp / "ckpt"
 

@@ -28,6 +28,7 @@ def results():
 def test_gaze_keeps_at_most_a_quarter_of_regions(results):
     config = results["config"]
     assert config.gaze_top_k * 4 <= config.regions_per_image
+    assert (config.gaze_top_k, config.regions_per_image) == (2, 16)  # 12.5%
 
 
 def test_held_out_accuracy_matches_dense_twin(results):
@@ -48,6 +49,13 @@ def test_random_hit_rate():
     assert random_hit_rate(9, 2, 1) == pytest.approx(2 / 9)
     assert random_hit_rate(9, 9, 1) == 1.0
     assert random_hit_rate(9, 2, 2) == pytest.approx(1 - (7 * 6) / (9 * 8))
+    assert random_hit_rate(16, 2, 1) == pytest.approx(2 / 16)
+
+
+def test_accuracy_is_reported_per_object_count(results):
+    gaze = results["gaze"]
+    assert set(gaze.accuracy_by_objects) == {"1", "2", "3", "4"}
+    assert (gaze.top_k, gaze.regions) == (2, 16)
 
 
 def test_demo_cli_runs_on_the_default_model():

@@ -178,10 +178,14 @@ def test_config_validates_the_v2_fields():
     assert (config.routing, config.context_attention, config.region_frames) == ("kv_head", "own_image", 1)
 
 
-def test_shipped_checkpoints_keep_the_v1_semantics_they_were_trained_with():
-    for path in (DEFAULT_CHECKPOINT, DEFAULT_CHECKPOINT.parent / "gaze-tiny-dense"):
+def test_shipped_checkpoints_are_the_paper_family_in_miniature():
+    """Qwen3-style decoder, SigLIP-style tower, 4 own_image context tokens, 16 regions of 64 px scenes."""
+    for path, top_k in ((DEFAULT_CHECKPOINT, 2), (DEFAULT_CHECKPOINT.parent / "gaze-tiny-dense", 16)):
         config = load_config(path)
-        assert (config.routing, config.context_attention, config.region_frames) == ("kv_head", "causal", 1), path
+        assert (config.routing, config.context_attention, config.region_frames) == ("kv_head", "own_image", 1), path
+        assert (config.decoder_style, config.vision_style) == ("qwen3", "siglip"), path
+        assert (config.image_size, config.tokens_per_image, config.regions_per_image) == (64, 64, 16), path
+        assert config.num_context_tokens == 4 and config.gaze_top_k == top_k, path
 
 
 def test_batch_with_padding_equals_each_alone(model, processor):

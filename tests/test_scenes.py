@@ -20,9 +20,26 @@ def test_caption_round_trips_to_facts():
 
 def test_parse_rejects_off_grammar_text():
     assert scenes.parse_caption("a red circle at top") is None
-    assert scenes.parse_caption("a pink circle at center") is None
-    assert scenes.parse_caption("red circle at center") is None
-    assert scenes.parse_caption("a red circle at center and") is None
+    assert scenes.parse_caption("a pink circle at top left") is None
+    assert scenes.parse_caption("red circle at top left") is None
+    assert scenes.parse_caption("a red circle at top left and") is None
+    assert scenes.parse_caption("a red circle at center") is None  # no centre cell on a 4x4 grid
+    assert scenes.parse_caption("a red circle at center left") is None  # a column needs its row
+
+
+def test_grid_positions_are_distinct_and_in_the_vocabulary():
+    assert (scenes.GRID, scenes.MAX_OBJECTS) == (4, 4)
+    assert len(set(scenes.POSITIONS)) == 16
+    assert scenes.position_name(1, 2) == "upper center right"
+    fact = ("blue", "cross", "lower center left")
+    assert scenes.parse_caption("a blue cross at lower center left") == frozenset({fact})
+    words = {w for p in scenes.POSITIONS for w in p.split()}
+    assert words <= set(scenes.CAPTION_WORDS)
+    # the 3x3 grammar's words are all still words, so old captions stay representable
+    assert {"top", "center", "bottom", "left", "right"} <= set(scenes.CAPTION_WORDS)
+    rng = np.random.default_rng(5)
+    counts = np.bincount([len(scenes.sample_scene(rng).objects) for _ in range(800)], minlength=5)
+    assert counts[0] == 0 and (counts[1:] > 120).all()  # 1 .. 4 objects, each about a quarter of the time
 
 
 def test_held_out_split_is_disjoint():
@@ -38,8 +55,8 @@ def test_objects_are_drawn_inside_their_cell_in_their_colour():
     rng = np.random.default_rng(2)
     for _ in range(50):
         scene = scenes.sample_scene(rng)
-        image, masks = scenes.render(scene, 48, rng)
-        assert image.shape == (48, 48, 3) and image.dtype == np.uint8
+        image, masks = scenes.render(scene, 64, rng)
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
         for obj, mask in zip(scene.objects, masks, strict=True):
             rows, cols = np.nonzero(mask)
             assert rows.min() >= obj.row * 16 and rows.max() < (obj.row + 1) * 16

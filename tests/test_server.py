@@ -109,9 +109,9 @@ def test_health_models_and_auth(served, client):
 
 def test_non_streamed_and_streamed_requests_with_images_answer_like_the_runtime(client, reference):
     imgs = scene_images(2, seed=41)
-    sampling = SamplingConfig(max_new_tokens=24)
+    sampling = SamplingConfig(max_new_tokens=48)
     want_one = reference.caption(imgs[0], sampling=sampling)
-    out = client.chat.completions.create(model=MODEL, messages=[user("describe the image .", imgs[0])], max_tokens=24)
+    out = client.chat.completions.create(model=MODEL, messages=[user("describe the image .", imgs[0])], max_tokens=48)
     assert out.choices[0].message.content == want_one and out.choices[0].finish_reason == "stop"
     assert out.model == MODEL and out.object == "chat.completion"
     assert out.usage.completion_tokens == len(reference.processor.encode(want_one)) + 1  # + <eos>
@@ -119,7 +119,7 @@ def test_non_streamed_and_streamed_requests_with_images_answer_like_the_runtime(
 
     want_two = reference.generate(Prompt("describe the images .", imgs), sampling).texts[0]
     stream = client.chat.completions.create(model=MODEL, messages=[user("describe the images .", *imgs)],
-                                            max_tokens=24, stream=True, stream_options={"include_usage": True})
+                                            max_tokens=48, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == want_two and len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3
