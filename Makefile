@@ -40,7 +40,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy gaze_edge model export runtime calibrate
 
-## Re-train the shipped tiny checkpoints and evaluate them on held-out scenes (~40 min on 2 shared cores).
+## Re-train the shipped tiny checkpoints and evaluate them on held-out scenes (about 45 min on 2 shared cores).
 ## The paper's family in miniature: SigLIP-style tower, Qwen3-style decoder, 64 px scenes of 1-4 objects on a
 ## 4x4 grid, 16 regions, 4 own_image context tokens (model/train.py tiny_config). Stage 1: a dense model
 ## (900 steps at lr 2e-3, then 1200 more at lr 1e-3). Stage 2, both from stage 1 with the same schedule

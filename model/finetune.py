@@ -592,7 +592,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def write_scene_folder(folder: str | Path, count: int, seed: int = 0, held_out: bool = False,
-                       image_size: int = 48, prompt: str | None = None) -> Path:
+                       image_size: int = 64, prompt: str | None = None) -> Path:
     """Generated scenes (model/scenes.py) as PNG files + data.jsonl with their true captions."""
     import numpy as np
     from PIL import Image
@@ -653,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--count", type=int, default=200)
     sc.add_argument("--seed", type=int, default=0)
     sc.add_argument("--held-out", action="store_true")
+    sc.add_argument("--size", type=int, default=64, help="image side in pixels (the default model's 64)")
     lo = sub.add_parser("loss", help="mean answer-token loss of a checkpoint on a data folder")
     lo.add_argument("checkpoint", type=Path)
     lo.add_argument("--data", type=Path, required=True)
@@ -670,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "scenes":
-            write_scene_folder(args.folder, args.count, args.seed, args.held_out)
+            write_scene_folder(args.folder, args.count, args.seed, args.held_out, image_size=args.size)
             print(f"wrote {args.count} scenes to {args.folder}")
         elif args.command == "loss":
             from .checkpoint import load_checkpoint

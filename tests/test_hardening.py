@@ -375,8 +375,9 @@ def test_a_checkpoint_too_large_for_this_machine_is_refused_before_loading(runti
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda c: (c["gaze"].update(max_images=2**27),
-                c["model"]["decoder"]["descriptors"].update(num_regions=9 * 2**27)), "this machine has"),
+    (lambda c: (c["gaze"].update(max_images=2**26),
+                c["model"]["decoder"]["descriptors"].update(num_regions=c["gaze"]["regions_per_image"] * 2**26)),
+     "this machine has"),
     (lambda c: c["model"].update(hidden_size=1e30), "model.hidden_size must be an integer, got 1e+30"),
     (lambda c: c["model"].update(num_key_value_heads=-2), "model.num_key_value_heads must be in 1 .."),
     (lambda c: c["model"]["decoder"]["kv_cache"].update(max_seq_len=2**40), "max_seq_len must be in 2 .."),
@@ -690,7 +691,7 @@ def test_the_budget_flag_of_quantize_and_calibrate(runtime_export, export_copy: 
     assert gaze_main(["quantize", str(runtime_export[1]), "-o", str(out), "--held-out", str(scenes_dir),
                       "--max-total-pixels", "5000"]) == 2
     line = one_line_error("\n".join(x for x in capsys.readouterr().err.splitlines() if not x.startswith("[")))
-    assert "its 4 images hold 9,216 pixels in all, more than the budget of 5,000 (--max-total-pixels)" in line, line
+    assert "its 4 images hold 16,384 pixels in all, more than the budget of 5,000 (--max-total-pixels)" in line, line
     assert not out.exists() and leftovers(tmp_path) == []
     before = listing(export_copy)
     assert gaze_main(["calibrate", str(export_copy), "--calib", str(scenes_dir), "--checkpoint",

@@ -24,6 +24,9 @@ from gaze_edge.runtime import GazeRuntime, Prompt
 from gaze_edge.runtime.folder import ExportFolderError
 
 CHECK_SCENES = 6
+#: MatMuls of the default model's vision graph: SigLIP-style tower, 2 layers x (q, k, v, out, fc1, fc2), + the
+#: projector's 2.
+VISION_MATMULS = 14
 CALIB_SCENES = 4
 CALIB_STEPS = 3
 SOURCE_FILES = ("decoder.onnx", "vision.onnx", "embed_tokens.npy", "gaze_config.json", "validation_report.json",
@@ -106,7 +109,7 @@ def init_bytes(model: onnx.ModelProto) -> int:
 
 def test_weight_only_puts_every_weight_behind_an_int8_dequantize(runtime_export, int8_weight):
     src, (dst, _) = runtime_export[1], int8_weight
-    for name, count in (("decoder", 29), ("vision", 10)):
+    for name, count in (("decoder", 29), ("vision", VISION_MATMULS)):
         before, after = graph(src, name), graph(dst, name)
         weights = weight_matmuls(before)
         assert len(weights) == count, name  # 4 layers x 7 + lm_head; vision: 2 blocks x 4 + projector 2
@@ -152,7 +155,7 @@ def test_weight_only_export_runs_and_agrees_with_fp32(runtime_export, int8_weigh
     config = json.loads((dst / "gaze_config.json").read_text())
     block = config["quantization"]
     assert block["mode"] == "int8-weight" and block["activations"] is None
-    assert block["quantized_matmuls"] == {"decoder": 29, "vision": 10}
+    assert block["quantized_matmuls"] == {"decoder": 29, "vision": VISION_MATMULS}
     assert any("GazeAttention" in e for e in block["excluded"]) and any("embed_tokens" in e for e in block["excluded"])
     assert sorted(p.name for p in dst.iterdir()) == sorted([p.name for p in src.iterdir()] + [qz.REPORT_FILE])
     assert json.loads((dst / qz.REPORT_FILE).read_text())["check"] == json.loads(json.dumps(report["check"]))
@@ -227,7 +230,7 @@ def test_calibration_feeds_are_the_exact_decoder_inputs(runtime_export, calib, t
 
 def test_w8a8_quantizes_weights_and_activations_symmetrically(runtime_export, int8_w8a8, calib):
     src, (dst, report) = runtime_export[1], int8_w8a8
-    for name, count in (("decoder", 29), ("vision", 10)):
+    for name, count in (("decoder", 29), ("vision", VISION_MATMULS)):
         weights = weight_matmuls(graph(src, name))
         after = graph(dst, name)
         inits = {t.name: t for t in after.graph.initializer}
