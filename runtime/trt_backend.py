@@ -1,7 +1,7 @@
 """The TensorRT backend: engines from `gaze build`, behind the same `Backend` interface as ONNX Runtime.
 
 STATUS: this module has been exercised only against test doubles (a fake `tensorrt` module and a
-fake cuda-python runtime, tests/test_runtime_trt.py). Not run on TensorRT: it has never run on real TensorRT or a GPU;
+fake cuda-python runtime, tests/test_runtime_trt.py). It has never run on real TensorRT or a GPU;
 `test_greedy_tokens_equal_onnxruntime_on_tensorrt` is the test that must pass on a machine that has
 both before this path counts as verified.
 
