@@ -391,12 +391,8 @@ int plan_select_parts(const Problem& p, int64_t rows) {
 WorkspaceLayout workspace_layout(const Problem& p) {
   check_problem(p);
   WorkspaceLayout w{};
-  size_t off = 0;
-  auto take = [&off](size_t bytes) {
-    const size_t at = off;
-    off += (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
-    return at;
-  };
+  WorkspaceCursor cursor;
+  auto take = [&cursor](size_t bytes) { return cursor.take(bytes); };
   const size_t B = p.batch, S = p.cache_len, R = p.num_regions, mrt = p.max_region_tokens;
   w.query_chunk = p.new_tokens < kQueryChunk ? p.new_tokens : kQueryChunk;
   // Sized for min(T, kDecodeMaxT) even when T > kDecodeMaxT (unused then): a profile whose
@@ -418,7 +414,7 @@ WorkspaceLayout workspace_layout(const Problem& p) {
   const size_t partial_rows = B * w.partial_queries * p.q_heads * kMaxSplits;
   w.part_acc = take(partial_rows * p.head_dim * sizeof(float));
   w.part_ml = take(partial_rows * 2 * sizeof(float));
-  w.total = off;
+  w.total = cursor.size();
   return w;
 }
 

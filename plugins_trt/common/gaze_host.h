@@ -42,6 +42,18 @@ constexpr int kMaxSelectParts = 16;     // kMaxSelectParts * kSelectPartRegions 
 constexpr int kSelectPartBlocks = 256;  // selection CTAs a launch in parts aims at (about 2 per SM)
 constexpr size_t kWorkspaceAlign = 256;
 
+// Lays workspace arrays out one after another, each starting kWorkspaceAlign-aligned: take(bytes)
+// returns the array's offset, size() the bytes taken so far (the v1 and v2 layouts share it).
+struct WorkspaceCursor {
+  size_t off = 0;
+  size_t take(size_t bytes) {
+    const size_t at = off;
+    off += (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+    return at;
+  }
+  size_t size() const { return off; }
+};
+
 // Input order of the node.
 enum Input : int { kQuery = 0, kKey, kValue, kPastKey, kPastValue, kPastDesc, kSlotPos, kSlotRegion, kSlotValid,
                    kGaze, kWriteOffset };

@@ -23,12 +23,8 @@ void require(const void* p, const char* name) {
 WorkspaceLayout workspace_layout_v2(const Problem& p) {
   const WorkspaceLayout v1 = workspace_layout(p);  // checks the problem; chunk sizes are v1's
   WorkspaceLayout w{};
-  size_t off = 0;
-  auto take = [&off](size_t bytes) {
-    const size_t at = off;
-    off += (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
-    return at;
-  };
+  WorkspaceCursor cursor;
+  auto take = [&cursor](size_t bytes) { return cursor.take(bytes); };
   w.query_chunk = v1.query_chunk;
   w.partial_queries = v1.partial_queries;
   w.error_flags = take(sizeof(int32_t));
@@ -50,7 +46,7 @@ WorkspaceLayout workspace_layout_v2(const Problem& p) {
     w.sel_cand = take(blocks * cap * sizeof(uint64_t));
     w.sel_cand_n = take(blocks * sizeof(int32_t));
   }
-  w.total = off;
+  w.total = cursor.size();
   return w;
 }
 
