@@ -112,16 +112,16 @@ def work_folder(output: str | Path) -> Path:
 def scheduled_top_k(step: int, total: int, target: Sequence[int], num_regions: int, schedule: str,
                     dense_frac: float, shrink_end: float = 0.6) -> list[int]:
     """Per-layer top_k at optimizer step `step` of `total` (0-based). `num_regions`: top_k that is dense."""
-    frac = step / max(1, total)
+    start, end = dense_frac * total, shrink_end * total  # in steps (model/train.py's curriculum uses this too)
     out = []
     for t in target:
         t = min(t, num_regions)
-        if frac < dense_frac:
+        if step < start:
             k = num_regions
-        elif schedule == "two-stage" or frac >= shrink_end:
+        elif schedule == "two-stage" or step >= end:
             k = t
         else:  # progressive: linear from dense to the target between dense_frac and shrink_end
-            f = (frac - dense_frac) / max(1e-9, shrink_end - dense_frac)
+            f = (step - start) / max(1.0, end - start)
             k = int(round(num_regions + f * (t - num_regions)))
         out.append(max(t, min(num_regions, k)))
     return out
@@ -523,19 +523,11 @@ def finetune(opts: FinetuneOptions, extra_callbacks: Sequence[Any] = ()) -> dict
 # ----------------------------------------------------------------------------- command line
 
 
-def _top_k_list(text: str) -> list[int]:
-    try:
-        values = [int(v, 10) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected K or K0,K1,... (positive integers), got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"top_k values must be positive integers, got {text!r}")
-    return values
-
-
 def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `finetune` subcommand to a `gaze` argparse subparsers object."""
     from gaze_edge import cli_args as ca
+
+    from .convert import _top_k
 
     p = subparsers.add_parser("finetune", help="fine-tune a gaze checkpoint on a folder of images + JSONL "
                                                "(progressive Top-K; transformers Trainer)")
@@ -547,7 +539,7 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES, default="progressive",
                    help="top_k schedule: progressive (dense, then shrinking to the target) or two-stage "
                         "(dense, then the target)")
-    p.add_argument("--gaze-top-k", type=_top_k_list, default=None, metavar="K[,K1,...]",
+    p.add_argument("--gaze-top-k", type=_top_k, default=None, metavar="K[,K1,...]",
                    help="target regions per gaze query (default: the checkpoint's gaze_top_k)")
     p.add_argument("--steps", type=ca.int_in(1), default=FinetuneOptions.steps, help="optimizer steps")
     p.add_argument("--batch", type=ca.int_in(1, 65536), default=FinetuneOptions.batch, help="records per step "
@@ -576,9 +568,10 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    top_k = [args.gaze_top_k] if isinstance(args.gaze_top_k, int) else args.gaze_top_k  # convert's parser: K or list
     opts = FinetuneOptions(
         checkpoint=str(args.checkpoint), data=str(args.data), output=str(args.output), schedule=args.schedule,
-        gaze_top_k=args.gaze_top_k, steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
+        gaze_top_k=top_k, steps=args.steps, batch=args.batch, grad_accum=args.grad_accum, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup_steps, dense_frac=args.dense_frac,
         shrink_end=args.shrink_end, seed=args.seed, save_steps=args.save_steps, logging_steps=args.logging_steps,
         resume=args.resume, force=args.force, keep_checkpoints=args.keep_checkpoints,

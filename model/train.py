@@ -26,6 +26,7 @@ import torch
 from . import scenes
 from .checkpoint import load_checkpoint, save_checkpoint
 from .configuration import GazeConfig
+from .finetune import scheduled_top_k
 from .modeling import GazeForConditionalGeneration, count_parameters
 from .processing import DEFAULT_PROMPT, GazeProcessor, default_processor
 
@@ -112,15 +113,11 @@ def make_batch(
 
 
 def curriculum_top_k(step: int, cfg: TrainConfig, num_regions: int) -> int:
+    """The k curriculum: `gaze finetune`'s progressive schedule (dense, then linear down to top_k)."""
     if cfg.dense:
         return num_regions
-    start, end = cfg.dense_frac * cfg.steps, cfg.shrink_end_frac * cfg.steps
-    if step < start:
-        return num_regions
-    if step >= end:
-        return cfg.top_k
-    frac = (step - start) / max(1.0, end - start)
-    return int(round(num_regions + frac * (cfg.top_k - num_regions)))
+    return scheduled_top_k(step, cfg.steps, [cfg.top_k], num_regions, "progressive", cfg.dense_frac,
+                           cfg.shrink_end_frac)[0]
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
