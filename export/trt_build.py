@@ -201,8 +201,7 @@ def dense_width(max_seq_len: int) -> int:
     """The widest dense_slots [B, N] a generation can bind: max_seq_len rounded up to SlotState.DENSE_STEP."""
     from gaze_edge.runtime.cache import SlotState
 
-    step = SlotState.DENSE_STEP
-    return max(-(-max_seq_len // step) * step, step)
+    return SlotState.dense_width(max_seq_len)
 
 
 def _decoder_roles(name: str, s: BuildShapes, phase: str) -> list[tuple[int, int, int] | None] | None:

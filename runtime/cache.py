@@ -96,6 +96,11 @@ class SlotState:
 
     DENSE_STEP = 32
 
+    @classmethod
+    def dense_width(cls, entries: int) -> int:
+        """The dense_slots columns that hold `entries` entries: rounded up to DENSE_STEP (at least one step)."""
+        return max(-(-entries // cls.DENSE_STEP), 1) * cls.DENSE_STEP
+
     def __init__(self, batch: int, capacity: int, num_regions: int, max_region_tokens: int) -> None:
         self.pos = np.zeros((batch, capacity), dtype=np.int64)
         self.region = np.full((batch, capacity), -1, dtype=np.int64)
@@ -145,7 +150,7 @@ class SlotState:
     def _append_dense(self, b: int, dense: np.ndarray) -> None:
         n, m = int(self.dense_count[b]), dense.size
         if n + m > self.dense_slots.shape[1]:  # grow (rare: every DENSE_STEP dense tokens); backends rebind
-            width = -(-(n + m) // self.DENSE_STEP) * self.DENSE_STEP
+            width = self.dense_width(n + m)
             grown = np.full((self.dense_slots.shape[0], width), -1, dtype=np.int64)
             grown[:, : self.dense_slots.shape[1]] = self.dense_slots
             self.dense_slots = grown
